@@ -1,0 +1,1 @@
+"""io layer of mast3r_slam_ros."""

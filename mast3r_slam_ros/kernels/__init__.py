@@ -1,0 +1,1 @@
+"""kernels layer of mast3r_slam_ros."""

@@ -1,0 +1,1 @@
+"""network layer of mast3r_slam_ros."""

@@ -1,0 +1,1 @@
+"""ros layer of mast3r_slam_ros."""

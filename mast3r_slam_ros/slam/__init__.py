@@ -1,0 +1,1 @@
+"""slam layer of mast3r_slam_ros."""

@@ -1,0 +1,1 @@
+"""testing layer of mast3r_slam_ros."""
