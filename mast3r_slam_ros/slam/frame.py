@@ -1,0 +1,122 @@
+"""Per-frame SLAM state (``Frame``) and the system mode enum (``Mode``).
+
+Source: MASt3R-SLAM ``frame.py`` (spec ``upstream_algorithm.md`` §1.2, §1.5, §5.6). A ``Frame`` holds the network input,
+the cached encoder tokens, the pose ``T_WC`` (camera -> world, Sim(3)) and the canonical fused pointmap ``X_canon`` in the
+frame's own camera coordinates with its accumulated confidence ``C`` and observation count ``N``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from mast3r_slam_ros.lie import Sim3
+from mast3r_slam_ros.slam.fusion import FILTERING_MODES, fuse
+
+
+class Mode(enum.IntEnum):
+    """SLAM system state (spec §1.2): INIT -> TRACKING <-> RELOC; TERMINATED at the end."""
+
+    INIT = 0
+    TRACKING = 1
+    RELOC = 2
+    TERMINATED = 3
+
+
+@dataclass
+class Frame:
+    """One processed image (spec §1.5).
+
+    Attributes:
+        frame_id: running index of the frame in the system (0-based, counts every tracked image).
+        stamp_ns: input stamp in nanoseconds.
+        img: ``[1,3,H,W]`` f32 in [-1,1] on the SLAM device (network input).
+        true_shape: ``[1,2]`` int32 ``(H, W)`` of ``img``.
+        uimg: ``[H,W,3]`` uint8 CPU, the cropped resized RGB image (colours of the map).
+        T_WC: ``Sim3 [1]`` camera -> world pose.
+        feat, pos: cached encoder tokens ``[1,P,C]`` f32 / token positions ``[1,P,2]`` int64 (None until encoded).
+        X_canon: ``[HW,3]`` f32 canonical pointmap in this camera's frame (None until the first update).
+        C: ``[HW,1]`` f32 accumulated confidence (sum over fused observations).
+        N: number of fused observations (average confidence = ``C/N``).
+        N_updates: number of ``update_pointmap`` calls.
+        K: ``[3,3]`` f32 intrinsics of the network image (calibrated mode), else None.
+        score: confidence score kept by the ``best_score`` fusion rule.
+    """
+
+    frame_id: int
+    stamp_ns: int
+    img: Tensor
+    true_shape: Tensor
+    uimg: Tensor
+    T_WC: Sim3
+    feat: Tensor | None = None
+    pos: Tensor | None = None
+    X_canon: Tensor | None = None
+    C: Tensor | None = None
+    N: int = 0
+    N_updates: int = 0
+    K: Tensor | None = None
+    score: float = field(default=-math.inf)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    @property
+    def img_true_shape(self) -> Tensor:
+        """Alias of ``true_shape`` (upstream name)."""
+        return self.true_shape
+
+    @property
+    def img_shape(self) -> Tensor:
+        """``[1,2]`` int32 ``(H,W)`` of the pointmap grid (equal to ``true_shape``; no output downsampling)."""
+        return self.true_shape
+
+    @property
+    def height(self) -> int:
+        return int(self.img.shape[-2])
+
+    @property
+    def width(self) -> int:
+        return int(self.img.shape[-1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.img.device
+
+    def update_pointmap(self, X: Tensor, C: Tensor, mode: str = "weighted_pointmap", score: str = "median") -> None:
+        """Fuse a new pointmap observation of this frame into ``X_canon``/``C``/``N`` (spec §5.6).
+
+        Args:
+            X: ``[HW,3]`` f32 pointmap in this camera's frame (or ``[1,H,W,3]``/``[H,W,3]``; reshaped).
+            C: ``[HW,1]`` f32 confidence (>= 1) (or any shape with HW elements; reshaped).
+            mode: ``tracking.filtering_mode``, one of ``weighted_pointmap`` (default), ``weighted_spherical``,
+                ``recent``, ``first``, ``best_score``, ``indep_conf``.
+            score: ``tracking.filtering_score`` for ``best_score`` (``median`` or ``mean``).
+        Raises:
+            ValueError: unknown mode, HW different from this frame's image, or non-finite values.
+        """
+        if mode not in FILTERING_MODES:
+            raise ValueError(f"unknown filtering_mode {mode!r}; expected one of {FILTERING_MODES}")
+        hw = self.height * self.width
+        X = X.reshape(-1, 3)
+        C = C.reshape(-1, 1)
+        if X.shape[0] != hw or C.shape[0] != hw:
+            raise ValueError(f"pointmap has {X.shape[0]} points / {C.shape[0]} confidences, frame has H*W={hw}")
+        if not (torch.isfinite(X).all() and torch.isfinite(C).all()):
+            raise ValueError("pointmap or confidence contains NaN/inf")
+        res = fuse(self.X_canon, self.C, self.N, self.N_updates, self.score, X.float(), C.float(), mode, score)
+        self.X_canon, self.C, self.N, self.score = res.X_canon, res.C, res.N, res.score
+        self.N_updates += 1
+
+    def average_conf(self) -> Tensor:
+        """``C/N`` ``[HW,1]`` f32, the average confidence per pixel (upstream ``get_average_conf``).
+
+        Raises: RuntimeError if the frame has no pointmap yet.
+        """
+        if self.C is None or self.N == 0:
+            raise RuntimeError(f"frame {self.frame_id} has no pointmap yet (call update_pointmap first)")
+        return self.C / self.N
+
+    get_average_conf = average_conf

@@ -1,0 +1,191 @@
+"""Keyframe storage that grows on demand (no fixed 512-slot buffer) with a configurable cap.
+
+Replaces upstream ``frame.py:SharedKeyframes`` (spec ``upstream_algorithm.md`` §1.7), which preallocated ~4 GiB for
+512 keyframes in CUDA-IPC shared memory and failed with an index error beyond that. Here every keyframe is a
+:class:`~mast3r_slam_ros.slam.frame.Frame` whose tensors live on the SLAM device; memory grows with the number of
+keyframes up to ``max_keyframes`` (``runtime.max_keyframes``), after which :class:`KeyframeCapacityError` is raised.
+
+Threading: the core starts no thread. ``lock`` is a re-entrant lock that the ROS layer's multi-threaded executor uses to
+serialize the frontend and the backend callbacks; every method below takes it, so callers that need several calls to
+be atomic hold ``with store.lock:`` around them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from mast3r_slam_ros.lie import Sim3
+from mast3r_slam_ros.slam.frame import Frame
+
+
+class KeyframeCapacityError(RuntimeError):
+    """Raised when appending a keyframe beyond ``runtime.max_keyframes``."""
+
+
+class KeyframeStore:
+    """Growable list of keyframes (spec §1.7 semantics, without the fixed buffer).
+
+    Args:
+        max_keyframes: cap on the number of keyframes (``runtime.max_keyframes``, default 2000); must be >= 1.
+    Attributes:
+        lock: ``threading.RLock`` guarding the store for multi-threaded ROS executors.
+        version: int, bumped whenever keyframes are added/removed or poses/pointmaps change.
+    """
+
+    def __init__(self, max_keyframes: int = 2000):
+        if int(max_keyframes) < 1:
+            raise ValueError(f"max_keyframes must be >= 1, got {max_keyframes}")
+        self.max_keyframes = int(max_keyframes)
+        self.lock = threading.RLock()
+        self._frames: list[Frame] = []
+        self._dirty: set[int] = set()
+        self.version = 0
+
+    # -------------------------------------------------------------------------------------------------- container
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self._frames)
+
+    def __iter__(self) -> Iterator[Frame]:
+        with self.lock:
+            return iter(list(self._frames))
+
+    def _check(self, idx: int) -> int:
+        n = len(self._frames)
+        i = int(idx)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"keyframe index {idx} out of range (store holds {n} keyframes)")
+        return i
+
+    def __getitem__(self, idx: int) -> Frame:
+        """The keyframe ``idx`` (the object itself; in-place updates are visible to the store)."""
+        with self.lock:
+            return self._frames[self._check(idx)]
+
+    def __setitem__(self, idx: int, frame: Frame) -> None:
+        """Replace keyframe ``idx`` and mark it dirty."""
+        if not isinstance(frame, Frame):
+            raise TypeError(f"expected a Frame, got {type(frame).__name__}")
+        with self.lock:
+            i = self._check(idx)
+            self._frames[i] = frame
+            self.mark_dirty(i)
+
+    def append(self, frame: Frame) -> int:
+        """Add a keyframe (it must already have a pointmap); returns its index.
+
+        Raises: TypeError for a non-Frame, ValueError for a frame without ``X_canon``, KeyframeCapacityError at the cap.
+        """
+        if not isinstance(frame, Frame):
+            raise TypeError(f"expected a Frame, got {type(frame).__name__}")
+        if frame.X_canon is None or frame.C is None:
+            raise ValueError(f"frame {frame.frame_id} has no pointmap; call update_pointmap before adding it")
+        with self.lock:
+            if len(self._frames) >= self.max_keyframes:
+                raise KeyframeCapacityError(
+                    f"keyframe store is full ({self.max_keyframes} keyframes, runtime.max_keyframes); raise the cap "
+                    "or reduce the keyframe rate (tracking.match_frac_thresh / dataset.subsample)")
+            if self._frames and frame.X_canon.shape != self._frames[0].X_canon.shape:
+                raise ValueError(f"keyframe pointmap shape {tuple(frame.X_canon.shape)} differs from the store's "
+                                 f"{tuple(self._frames[0].X_canon.shape)}")
+            self._frames.append(frame)
+            idx = len(self._frames) - 1
+            self.mark_dirty(idx)
+            return idx
+
+    def pop_last(self) -> Frame:
+        """Remove and return the last keyframe (failed relocalization). Raises IndexError if empty."""
+        with self.lock:
+            if not self._frames:
+                raise IndexError("pop_last on an empty keyframe store")
+            f = self._frames.pop()
+            self._dirty.discard(len(self._frames))
+            self.version += 1
+            return f
+
+    def last(self) -> Frame:
+        """The most recent keyframe. Raises IndexError if empty."""
+        with self.lock:
+            if not self._frames:
+                raise IndexError("no keyframes yet")
+            return self._frames[-1]
+
+    last_keyframe = last
+
+    def clear(self) -> None:
+        """Remove all keyframes."""
+        with self.lock:
+            self._frames.clear()
+            self._dirty.clear()
+            self.version += 1
+
+    # ------------------------------------------------------------------------------------------------ batch access
+    def _indices(self, idx: Sequence[int] | Tensor | None) -> list[int]:
+        if idx is None:
+            return list(range(len(self._frames)))
+        if isinstance(idx, Tensor):
+            idx = idx.reshape(-1).tolist()
+        return [self._check(i) for i in idx]
+
+    def stack_poses(self, idx: Sequence[int] | Tensor | None = None) -> Sim3:
+        """Poses ``T_WC`` of keyframes ``idx`` (all if None) as ``Sim3 [n]`` (a copy)."""
+        with self.lock:
+            ids = self._indices(idx)
+            if not ids:
+                raise ValueError("stack_poses needs at least one keyframe index")
+            return Sim3(torch.cat([self._frames[i].T_WC.data.reshape(1, 8) for i in ids], dim=0).clone())
+
+    def stack_points(self, idx: Sequence[int] | Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Canonical pointmaps and average confidences of keyframes ``idx`` (all if None).
+
+        Returns: ``X [n,HW,3]`` f32 (camera frames of each keyframe) and ``C/N [n,HW,1]`` f32 (copies).
+        """
+        with self.lock:
+            ids = self._indices(idx)
+            if not ids:
+                raise ValueError("stack_points needs at least one keyframe index")
+            X = torch.stack([self._frames[i].X_canon for i in ids], dim=0)
+            C = torch.stack([self._frames[i].average_conf() for i in ids], dim=0)
+            return X, C
+
+    def set_poses(self, idx: Sequence[int] | Tensor, T_WC: Sim3) -> None:
+        """Write poses ``T_WC`` (``Sim3 [n]`` or ``[n,1]``) to keyframes ``idx`` and mark them dirty."""
+        with self.lock:
+            ids = self._indices(idx)
+            data = T_WC.data.reshape(-1, 8)
+            if data.shape[0] != len(ids):
+                raise ValueError(f"set_poses got {data.shape[0]} poses for {len(ids)} indices")
+            if not torch.isfinite(data).all():
+                raise ValueError("set_poses: non-finite pose")
+            for k, i in enumerate(ids):
+                f = self._frames[i]
+                f.T_WC = Sim3(data[k:k + 1].to(device=f.T_WC.data.device, dtype=f.T_WC.data.dtype).clone())
+                self.mark_dirty(i)
+
+    update_T_WCs = set_poses
+
+    def mark_dirty(self, idx: int) -> None:
+        """Record that keyframe ``idx`` changed (pose or pointmap); bumps ``version``."""
+        with self.lock:
+            self._dirty.add(int(idx))
+            self.version += 1
+
+    def dirty(self) -> list[int]:
+        """Sorted indices changed since the previous call (and clears the set)."""
+        with self.lock:
+            out = sorted(i for i in self._dirty if i < len(self._frames))
+            self._dirty.clear()
+            return out
+
+    get_dirty_idx = dirty
+
+    def frame_ids(self) -> list[int]:
+        """``frame_id`` of every keyframe, in keyframe order."""
+        with self.lock:
+            return [f.frame_id for f in self._frames]
