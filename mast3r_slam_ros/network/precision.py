@@ -1,0 +1,75 @@
+"""Numeric precision of the network: one parameter, ``"fp32" | "tf32" | "bf16" | "fp16"``.
+
+* ``fp32``: full float32 (TF32 explicitly off for matmuls and cuDNN convolutions while the network runs).
+* ``tf32``: float32 tensors, TF32 tensor-core matmuls/convolutions allowed (the upstream SLAM setting, spec §5).
+* ``bf16`` / ``fp16``: autocast of the encoder and decoder to that dtype (the upstream-measured GPU setting; CPU
+  autocast works too but is slow), heads always in float32 with autocast off and TF32 allowed.
+
+The flags are set only inside :func:`precision_context` and restored afterwards, so other code is not affected.
+RoPE angles are always computed in fp32 (see ``rope.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+
+
+def check_precision(precision: str) -> str:
+    """Validate and normalise a precision name (case-insensitive); raises ValueError listing the valid names."""
+    if not isinstance(precision, str):
+        raise TypeError(f"precision must be a string, one of {PRECISIONS}, got {type(precision).__name__}")
+    p = precision.strip().lower()
+    if p not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    return p
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of the encoder/decoder for ``precision`` (None for fp32/tf32)."""
+    p = check_precision(precision)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p)
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    mm = torch.backends.cuda.matmul.allow_tf32
+    cd = torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = mm
+        torch.backends.cudnn.allow_tf32 = cd
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device_type: str, part: str = "trunk") -> Iterator[None]:
+    """Context for running one part of the network at ``precision``.
+
+    Args:
+        precision: ``"fp32" | "tf32" | "bf16" | "fp16"``.
+        device_type: ``"cuda"`` or ``"cpu"`` (the device of the inputs).
+        part: ``"trunk"`` (encoder/decoder: autocast for bf16/fp16) or ``"head"`` (always float32, autocast off,
+            TF32 allowed unless precision is ``"fp32"``).
+
+    Raises:
+        ValueError: on an unknown precision or part.
+    """
+    p = check_precision(precision)
+    if part not in ("trunk", "head"):
+        raise ValueError(f"part must be 'trunk' or 'head', got {part!r}")
+    allow_tf32 = p != "fp32"
+    dtype = autocast_dtype(p) if part == "trunk" else None
+    with _tf32(allow_tf32):
+        if dtype is None:
+            with torch.autocast(device_type=device_type, enabled=False):
+                yield
+        else:
+            with torch.autocast(device_type=device_type, dtype=dtype):
+                yield
