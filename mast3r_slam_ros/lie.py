@@ -127,6 +127,11 @@ def quat_to_matrix(q: Tensor) -> Tensor:
     return m.reshape(*q.shape[:-1], 3, 3)
 
 
+def _safe_sqrt(x: Tensor) -> Tensor:
+    """sqrt with a finite gradient at 0 (the value there only feeds the small-angle branches)."""
+    return x.clamp_min(torch.finfo(x.dtype).tiny).sqrt()
+
+
 def _normalize_quat(q: Tensor) -> Tensor:
     return q / q.norm(dim=-1, keepdim=True)
 
@@ -134,7 +139,7 @@ def _normalize_quat(q: Tensor) -> Tensor:
 def _so3_exp_quat(omega: Tensor) -> Tensor:
     """Unit quaternion of ``Exp(omega)``: ``[(sin(θ/2)/θ) ω, cos(θ/2)]`` with the θ<1e-6 Taylor branch (§9.1)."""
     theta2 = _dot(omega, omega)
-    theta = theta2.sqrt()
+    theta = _safe_sqrt(theta2)
     small = theta < _TINY
     safe = torch.where(small, torch.ones_like(theta), theta)
     imag = torch.where(small, 0.5 - theta2 / 48.0 + theta2 * theta2 / 3840.0, torch.sin(0.5 * safe) / safe)
@@ -152,7 +157,7 @@ def _so3_log(q: Tensor) -> Tensor:
     v = q[..., :3] * sign
     w = q[..., 3:] * sign
     n2 = _dot(v, v)
-    n = n2.sqrt()
+    n = _safe_sqrt(n2)
     small = n < _TINY
     n_safe = torch.where(small, torch.ones_like(n), n)
     w_safe = torch.where(small, w, torch.ones_like(w))  # w ~ 1 where n is tiny
@@ -165,7 +170,7 @@ def _w_coeffs(theta2: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
     theta2, sigma: ``[..., 1]``. Series inside ``|σ + iθ| < 0.25``; §9.1 closed forms outside (module docstring).
     """
-    theta = theta2.sqrt()
+    theta = _safe_sqrt(theta2)
     one = torch.ones_like(theta)
     z2 = theta2 + sigma * sigma
     in_series = z2 < _SERIES_RADIUS ** 2

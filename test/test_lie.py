@@ -202,6 +202,17 @@ def test_act_jacobian_finite_difference():
         assert torch.allclose(J[..., k], num, atol=1e-8)
 
 
+def test_autograd_at_identity_is_finite_and_matches_act_jacobian():
+    T = random_sim3(1, seed=30)[0]
+    p = torch.randn(3, generator=_gen(30), dtype=F64)
+    J = torch.autograd.functional.jacobian(lambda xi: T.retr(xi).act(p), torch.zeros(7, dtype=F64))
+    assert torch.isfinite(J).all()
+    assert torch.allclose(J, act_jacobian(T.act(p)), atol=1e-12)
+    xi = torch.zeros(4, 7, dtype=F64, requires_grad=True)
+    Sim3.exp(xi).log().sum().backward()
+    assert torch.isfinite(xi.grad).all()
+
+
 def test_skew_is_cross_product():
     a, b = torch.randn(2, 10, 3, generator=_gen(19), dtype=F64)
     np.testing.assert_allclose((skew(a) @ b[..., None])[..., 0].numpy(), np.cross(a.numpy(), b.numpy()), atol=1e-14)
