@@ -91,9 +91,12 @@ setup(
         "rosbags>=0.10",
         "evo>=1.28",
         "plyfile>=1.0",
+        "safetensors>=0.4",
+        "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7", "scikit-image>=0.21", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "scikit-image>=0.21"],
+        "bench": ["scikit-image>=0.21"],
         "retrieval": ["asmk"],
     },
     ext_modules=ext_modules,
