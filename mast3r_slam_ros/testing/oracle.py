@@ -29,6 +29,7 @@ Used only by tests and benchmarks, never by the runtime.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections import OrderedDict
@@ -112,14 +113,21 @@ def descriptor_embedding(points_w: np.ndarray, lambda_min: float = 0.03, lambda_
     The dot product of two descriptors is ``mean_k cos(w_k . (P - P'))``: a shift-invariant kernel equal to 1 only at
     ``P = P'`` and falling off within about ``lambda_min``. ``points_w [...,3]`` float (metres) -> ``[...,24]`` float32.
     """
+    w = _desc_frequencies(lambda_min, lambda_max)  # [12,3]
+    phase = np.asarray(points_w, dtype=np.float64) @ w.T
+    phase = np.mod(phase, 2.0 * np.pi).astype(np.float32)
+    d = np.concatenate([np.cos(phase), np.sin(phase)], axis=-1)
+    d *= np.float32(1.0 / math.sqrt(DESC_DIM // 2))
+    return d
+
+
+@functools.lru_cache(maxsize=8)
+def _desc_frequencies(lambda_min: float, lambda_max: float) -> np.ndarray:
     rng = np.random.default_rng(24_24_24)
     dirs = rng.normal(size=(DESC_DIM // 2, 3))
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     lam = np.geomspace(lambda_min, lambda_max, DESC_DIM // 2)
-    w = dirs * (2.0 * np.pi / lam)[:, None]  # [12,3]
-    phase = np.asarray(points_w, dtype=np.float64) @ w.T
-    d = np.concatenate([np.cos(phase), np.sin(phase)], axis=-1) / math.sqrt(DESC_DIM // 2)
-    return d.astype(np.float32)
+    return dirs * (2.0 * np.pi / lam)[:, None]
 
 
 def _backproject(z: np.ndarray, K: np.ndarray) -> np.ndarray:
@@ -205,8 +213,8 @@ class OraclePredictor:
         self._views: dict[tuple[int, int], _ViewSet] = {}
         # fixed random projection of pooled patch content -> token features
         rng = np.random.default_rng(1234)
-        self._proj = torch.from_numpy(rng.normal(size=(51, self.feat_dim)).astype(np.float32) * (1.5 / math.sqrt(51)))
-        self._bias = torch.from_numpy(rng.normal(size=(self.feat_dim,)).astype(np.float32) * 0.5)
+        self._proj = rng.normal(size=(51, self.feat_dim)).astype(np.float32) * np.float32(1.5 / math.sqrt(51))
+        self._bias = rng.normal(size=(self.feat_dim,)).astype(np.float32) * np.float32(0.5)
         # token-signature registry: sha1 -> (frame, H, W); plus matrices for approximate lookup per size
         self._sig_keys: dict[bytes, tuple[int, int, int]] = {}
         self._sig_mats: dict[tuple[int, int], tuple[list[int], list[np.ndarray]]] = {}
@@ -362,16 +370,15 @@ class OraclePredictor:
     def _patch_features(self, img: Tensor) -> Tensor:
         """``img [3,H,W]`` -> ``[P,C]`` f32 tokens from pooled patch content (pure function of the image)."""
         _, H, W = img.shape
-        x = img.detach().float().cpu()
-        pooled = torch.nn.functional.avg_pool2d(x[None], kernel_size=4)[0]  # [3,H/4,W/4]
+        x = img.detach().float().cpu().numpy()
         h, w = H // PATCH, W // PATCH
-        p = pooled.reshape(3, h, 4, w, 4).permute(1, 3, 0, 2, 4).reshape(h * w, 48)
-        mean = p.mean(dim=1, keepdim=True)
-        std = p.std(dim=1, keepdim=True)
-        shape_part = (p - mean) / (std + 0.1)
-        color = x.reshape(3, h, PATCH, w, PATCH).mean(dim=(2, 4)).permute(1, 2, 0).reshape(h * w, 3)
-        f = torch.cat([shape_part, 2.0 * color], dim=1)
-        return torch.tanh(f @ self._proj + self._bias)
+        # 4x4 average pooling inside every 16x16 patch -> [P, 3*4*4]
+        p = x.reshape(3, h, 4, 4, w, 4, 4).mean(axis=(3, 6)).transpose(1, 4, 0, 2, 3).reshape(h * w, 48)
+        mean = p.mean(axis=1, keepdims=True)
+        std = p.std(axis=1, ddof=1, keepdims=True)
+        color = x.reshape(3, h, PATCH, w, PATCH).mean(axis=(2, 4)).transpose(1, 2, 0).reshape(h * w, 3)
+        f = np.concatenate([(p - mean) / (std + 0.1), 2.0 * color], axis=1).astype(np.float32)
+        return torch.from_numpy(np.tanh(f @ self._proj + self._bias))
 
     @torch.no_grad()
     def encode(self, img: Tensor, true_shape: Tensor) -> tuple[Tensor, Tensor]:
@@ -497,12 +504,12 @@ class OraclePredictor:
         return gt.depth * np.exp(log_noise)
 
     def _descriptors(self, gt: _FrameGT, rng: np.random.Generator) -> np.ndarray:
-        d = descriptor_embedding(gt.Pw).astype(np.float64)
+        d = descriptor_embedding(gt.Pw)
         if self.noise.desc_sigma > 0:
-            sigma = self.noise.desc_sigma * (1.0 + self.noise.textureless_gain * (1.0 - gt.tex))
-            d = d + sigma[..., None] * rng.standard_normal(d.shape)
+            sigma = (self.noise.desc_sigma * (1.0 + self.noise.textureless_gain * (1.0 - gt.tex))).astype(np.float32)
+            d = d + sigma[..., None] * rng.standard_normal(d.shape, dtype=np.float32)
             d /= np.linalg.norm(d, axis=-1, keepdims=True)
-        return d.astype(np.float32)
+        return d
 
     def pair_outputs(self, i: int, j: int, true_shape: tuple[int, int]) -> tuple[dict, dict]:
         """NumPy outputs of ``decode`` for the ordered frame pair (i, j) at network size ``(H, W)``.

@@ -21,8 +21,8 @@ preprocessed size with the adjusted intrinsics.
 
 Suite (``SEQUENCES``; spec ``test_data.md`` §2.1, default frame counts at 30 Hz):
 ``slow_translation`` (150), ``rotation_heavy`` (150), ``loop`` (270; the last 30/270 of the sequence revisits the first
-30/270), ``textureless`` (150; the middle third sees only the plain wall), plus ``static`` (30, camera at rest).
-``n_frames`` resamples the same path, so fewer frames means larger steps.
+30/270, 5 cm higher), ``textureless`` (150; the middle third sees only the plain wall), plus ``static`` (30, camera at rest).
+``n_frames`` resamples the same path (frame k at path parameter k / n_frames), so fewer frames means larger steps.
 """
 
 from __future__ import annotations
@@ -482,7 +482,8 @@ LOOP_REVISIT_FRACTION = 30.0 / 270.0  # the last 30/270 of `loop` retraces its f
 
 def _loop(t: float) -> np.ndarray:
     a = 2 * math.pi * t / (1.0 - LOOP_REVISIT_FRACTION)  # one lap at t = 240/270, then 1/8 lap more
-    c = np.array([-1.7 * math.cos(a), -1.05 * math.sin(a), 1.35])
+    # the camera rises 6 cm over the sequence, so a revisit sees the same place from a slightly different pose
+    c = np.array([-1.7 * math.cos(a), -1.05 * math.sin(a), 1.32 + 0.06 * t])
     target = np.array([0.0, 0.0, 0.6])
     return look_at(c, target - c)
 
@@ -515,7 +516,7 @@ def sequence_poses(name: str, n_frames: int | None = None) -> np.ndarray:
     n = default_n if n_frames is None else int(n_frames)
     if n < 1:
         raise ValueError(f"n_frames must be >= 1, got {n_frames}")
-    ts = np.linspace(0.0, 1.0, n) if n > 1 else np.zeros(1)
+    ts = np.arange(n) / n  # t in [0, 1): with loop's default 270 frames, frame 240 + k revisits frame k
     return np.stack([fn(float(t)) for t in ts])
 
 
