@@ -161,6 +161,11 @@ class Mast3rModel(nn.Module):
         precision: ``"fp32" | "tf32" | "bf16" | "fp16"`` used by encode/decode (heads always float32).
     """
 
+    #: ``decode`` accepts ``need_res2`` / ``need_desc`` (used by ``network.inference.mono``)
+    supports_partial_decode = True
+    #: ``decode`` handles B > 1 (used by ``network.inference.symmetric_batch``)
+    supports_batched_decode = True
+
     def __init__(self, config: Mast3rConfig | None = None, precision: str = "fp32") -> None:
         super().__init__()
         cfg = config or Mast3rConfig()
