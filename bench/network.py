@@ -1,0 +1,162 @@
+"""Latency and peak memory of the MASt3R network per stage and precision (spec ``mast3r_network.md`` §7).
+
+Measures, for each precision (fp32 / tf32 / bf16 / fp16):
+
+* ``encoder``: ``model.encode`` of one image;
+* ``decoder``: both decoder branches of one pair (``decoder_tokens`` under the precision's autocast);
+* ``head``: one ``catmlp+dpt`` head (DPT + local-feature MLP + post-processing, fp32);
+* ``decode``: the public ``model.decode`` (decoder + 2 heads);
+* ``track_step`` = encoder + decode (one tracking step of SLAM);
+* ``sym_edge``: both directions of one edge in one batched decode (B = 2);
+* ``peak_mem``: peak CUDA memory of the precision's runs (``torch.cuda.max_memory_allocated``).
+
+Timing: CUDA events around each call (after a synchronize), median over ``--repeats`` after ``--warmup`` runs; on the
+CPU ``time.perf_counter``. Weights are random (latency does not depend on values); ``--checkpoint`` loads real ones.
+
+Reference (spec §7, upstream code, H100, TF32, cuRoPE): encoder 8.0 ms, decoder 13.8 ms, head 3.4 ms, tracking step
+28.8 ms; the ratio to it is printed for the tf32 row.
+
+Usage::
+
+    python bench/network.py                                  # full model, 512x384, all precisions, auto device
+    python bench/network.py --device cpu --config tiny --size 96x64 --repeats 3 --precisions fp32
+    python bench/network.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mast3r_slam_ros.network.model import Mast3rModel
+from mast3r_slam_ros.network.precision import PRECISIONS, precision_context
+
+#: upstream H100 TF32 numbers of spec §7 (ms)
+REFERENCE_TF32_H100 = {"encoder": 8.0, "decoder": 13.8, "head": 3.4, "track_step": 28.8, "sym_edge": 40.7}
+
+
+def _timer(device: torch.device, fn: Callable[[], object], warmup: int, repeats: int) -> float:
+    """Median wall time of ``fn`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_precision(model: Mast3rModel, precision: str, hw: tuple[int, int], warmup: int, repeats: int) -> dict:
+    """All stage timings (ms) and the peak memory (GiB, CUDA only) for one precision."""
+    dev = model.device
+    h, w = hw
+    model.set_precision(precision)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    img = (torch.rand(1, 3, h, w, generator=g) * 2 - 1).to(dev)
+    img2 = torch.roll(img, w // 21, dims=-1)
+    shape = torch.tensor([[h, w]], dtype=torch.int32)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    with torch.no_grad():
+        f1, p1 = model.encode(img, shape)
+        f2, p2 = model.encode(img2, shape)
+
+        def run_decoder():
+            with precision_context(precision, dev.type, "trunk"):
+                return model.decoder_tokens(f1, p1, f2, p2)
+
+        dec1, _ = run_decoder()
+        dec1 = [t.float() for t in dec1]
+
+        def run_head():
+            with precision_context(precision, dev.type, "head"):
+                return model.downstream_head1(dec1, (h, w))
+
+        fb, pb = torch.cat([f1, f2]), torch.cat([p1, p2])
+        fo, po = torch.cat([f2, f1]), torch.cat([p2, p1])
+        out = {
+            "encoder": _timer(dev, lambda: model.encode(img, shape), warmup, repeats),
+            "decoder": _timer(dev, run_decoder, warmup, repeats),
+            "head": _timer(dev, run_head, warmup, repeats),
+            "decode": _timer(dev, lambda: model.decode(f1, p1, f2, p2, shape), warmup, repeats),
+            "sym_edge": _timer(dev, lambda: model.decode(fb, pb, fo, po, shape.expand(2, 2)), warmup, repeats),
+        }
+    out["track_step"] = out["encoder"] + out["decode"]
+    out["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
+    ap.add_argument("--config", default="full", choices=("full", "tiny"))
+    ap.add_argument("--checkpoint", default=None, help="load real weights with load_model (optional)")
+    ap.add_argument("--size", default="512x384", help="W x H of the network image (multiples of 16)")
+    ap.add_argument("--precisions", default=",".join(PRECISIONS))
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--json", type=Path, default=None, help="write the results as JSON")
+    args = ap.parse_args(argv)
+
+    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if args.device == "auto" else args.device))
+    w, h = (int(v) for v in args.size.lower().split("x"))
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if args.checkpoint:
+        from mast3r_slam_ros.network.loader import load_model
+
+        model = load_model(args.checkpoint, device=dev)
+    else:
+        model = Mast3rModel.from_config(args.config, device=dev)
+    model.eval()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    results = {}
+    for p in precisions:
+        if dev.type == "cpu" and p == "fp16":
+            print("skipping fp16 on CPU (no fast fp16 CPU kernels)", file=sys.stderr)
+            continue
+        results[p] = bench_precision(model, p, (h, w), args.warmup, args.repeats)
+
+    cols = ["encoder", "decoder", "head", "decode", "track_step", "sym_edge"]
+    print(f"MASt3R {args.config} on {name} ({dev.type}), {w}x{h}, median of {args.repeats} (ms)")
+    print(f"{'precision':<10}" + "".join(f"{c:>12}" for c in cols) + f"{'peak GiB':>10}")
+    for p, r in results.items():
+        mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
+        print(f"{p:<10}" + "".join(f"{r[c]:>12.2f}" for c in cols) + f"{mem:>10}")
+    ref_row = {}
+    if "tf32" in results and dev.type == "cuda" and args.config == "full" and (w, h) == (512, 384):
+        ref_row = {k: results["tf32"][k] / v for k, v in REFERENCE_TF32_H100.items()}
+        print("tf32 / upstream H100 TF32 reference: " + ", ".join(f"{k} {v:.2f}x" for k, v in ref_row.items()))
+    if args.json:
+        payload = {"device": name, "device_type": dev.type, "config": args.config, "size": [w, h],
+                   "repeats": args.repeats, "warmup": args.warmup, "torch": torch.__version__,
+                   "results_ms": results, "reference_tf32_h100_ms": REFERENCE_TF32_H100,
+                   "ratio_tf32_to_reference": ref_row}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
