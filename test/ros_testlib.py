@@ -148,7 +148,7 @@ class Collector(Node):
             self.create_subscription(typ, topic, lambda m, k=key: getattr(self.rx, k).append(m), qos)
 
 
-def spin_until(executor, predicate: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:
+def spin_until(executor, predicate: Callable[[], bool], timeout: float = 20.0, step: float = 0.02) -> bool:
     """Spin ``executor`` until ``predicate()`` is true or ``timeout`` seconds passed; return the predicate."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
