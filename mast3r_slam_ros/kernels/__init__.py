@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _ext
-from .gn_torch import gn_solve, gn_blocks_calib_torch, gn_blocks_points_torch, gn_blocks_rays_torch
+from .gn_torch import cuda_blocks, gn_blocks_calib_torch, gn_blocks_points_torch, gn_blocks_rays_torch, gn_solve
 from .matching_torch import iter_proj_torch, refine_initial_best, refine_matches_torch
 from .result import GNResult
 
@@ -212,6 +212,10 @@ def _check_graph(Twc, Xs, Cs, ii, jj, idx_ii2jj, valid_match, Q) -> tuple[int, i
     return n, HW, E2
 
 
+def _contig(*tensors: Tensor) -> tuple[Tensor, ...]:
+    return tuple(t.contiguous() for t in tensors)
+
+
 def _check_common(max_iter, delta_thresh, **sigmas) -> None:
     if int(max_iter) < 0:
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
@@ -257,9 +261,8 @@ def gauss_newton_rays(Twc: Tensor, Xs: Tensor, Cs: Tensor, ii: Tensor, jj: Tenso
         ext = _ext.load()
 
         def blocks(T):
-            return ext.gn_rays_blocks(T, Xs.contiguous(), Cs.contiguous(), ii.contiguous(), jj.contiguous(),
-                                      idx_ii2jj.contiguous(), valid_match.contiguous(), Q.contiguous(),
-                                      float(sigma_ray), float(sigma_dist), float(C_thresh), float(Q_thresh))
+            return cuda_blocks(ext.gn_rays_blocks, T, ii, jj, *_contig(Xs, Cs, ii, jj, idx_ii2jj, valid_match, Q),
+                               float(sigma_ray), float(sigma_dist), float(C_thresh), float(Q_thresh))
     else:
         def blocks(T):
             return gn_blocks_rays_torch(T, **args)
@@ -299,10 +302,10 @@ def gauss_newton_calib(Twc: Tensor, Xs: Tensor, Cs: Tensor, K: Tensor, ii: Tenso
         ext = _ext.load()
 
         def blocks(T):
-            return ext.gn_calib_blocks(T, Xs.contiguous(), Cs.contiguous(), K32, ii.contiguous(), jj.contiguous(),
-                                       idx_ii2jj.contiguous(), valid_match.contiguous(), Q.contiguous(), int(height),
-                                       int(width), int(pixel_border), float(z_eps), float(sigma_pixel),
-                                       float(sigma_depth), float(C_thresh), float(Q_thresh))
+            Xc, Cc, iic, jjc, idxc, vc, Qc = _contig(Xs, Cs, ii, jj, idx_ii2jj, valid_match, Q)
+            return cuda_blocks(ext.gn_calib_blocks, T, ii, jj, Xc, Cc, K32, iic, jjc, idxc, vc, Qc, int(height),
+                               int(width), int(pixel_border), float(z_eps), float(sigma_pixel), float(sigma_depth),
+                               float(C_thresh), float(Q_thresh))
     else:
         def blocks(T):
             return gn_blocks_calib_torch(T, **args)
@@ -324,9 +327,8 @@ def gauss_newton_points(Twc: Tensor, Xs: Tensor, Cs: Tensor, ii: Tensor, jj: Ten
         ext = _ext.load()
 
         def blocks(T):
-            return ext.gn_points_blocks(T, Xs.contiguous(), Cs.contiguous(), ii.contiguous(), jj.contiguous(),
-                                        idx_ii2jj.contiguous(), valid_match.contiguous(), Q.contiguous(),
-                                        float(sigma_point), float(C_thresh), float(Q_thresh))
+            return cuda_blocks(ext.gn_points_blocks, T, ii, jj, *_contig(Xs, Cs, ii, jj, idx_ii2jj, valid_match, Q),
+                               float(sigma_point), float(C_thresh), float(Q_thresh))
     else:
         def blocks(T):
             return gn_blocks_points_torch(T, **args)

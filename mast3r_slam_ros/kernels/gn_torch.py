@@ -37,7 +37,7 @@ from .result import GNResult
 __all__ = [
     "HUBER_K", "huber_weight", "huber_cost", "relative_poses", "rays_terms", "calib_terms", "points_terms",
     "edge_terms", "gn_blocks_rays_torch", "gn_blocks_calib_torch", "gn_blocks_points_torch", "gn_solve",
-    "assemble_system",
+    "assemble_system", "unpack_sums", "cuda_blocks",
 ]
 
 HUBER_K = 1.345
@@ -215,6 +215,27 @@ def gn_blocks_calib_torch(Twc: Tensor, *, Xs, Cs, K, ii, jj, idx, valid, Q, heig
 def gn_blocks_points_torch(Twc: Tensor, *, Xs, Cs, ii, jj, idx, valid, Q, sigma_point, C_thresh, Q_thresh):
     """Per-edge ``Hr, gr, cost`` of the 3-D point residual (§6.6)."""
     return _blocks("points", Twc, Xs, Cs, ii, jj, idx, valid, Q, C_thresh, Q_thresh, sigma_point=sigma_point)
+
+
+_TRIU = torch.triu_indices(7, 7)  # row-major upper triangle (a <= b), the order of csrc/gn_kernels.cu
+
+
+def unpack_sums(sums: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Unpack the CUDA kernels' per-edge sums ``[2E,36]`` (28 upper-triangular Hr entries, 7 gr, 1 cost) into
+    ``Hr [2E,7,7]`` (symmetric), ``gr [2E,7]``, ``cost [2E]`` (dtype of ``sums``)."""
+    E2 = sums.shape[0]
+    Hr = torch.zeros(E2, 7, 7, dtype=sums.dtype, device=sums.device)
+    r, c = _TRIU[0].to(sums.device), _TRIU[1].to(sums.device)
+    Hr[:, r, c] = sums[:, :28]
+    Hr[:, c, r] = sums[:, :28]
+    return Hr, sums[:, 28:35], sums[:, 35]
+
+
+def cuda_blocks(fn: Callable, Twc: Tensor, ii: Tensor, jj: Tensor, *args) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-edge blocks from a CUDA extension function ``fn(Tij [2E,8] f32, *args) -> sums [2E,36] f64``; ``T_ij``
+    comes from :func:`relative_poses` exactly as in the PyTorch blocks."""
+    Tij = relative_poses(Twc, ii, jj).data.to(torch.float32).contiguous()
+    return unpack_sums(fn(Tij, *args))
 
 
 def assemble_system(Twc: Tensor, ii: Tensor, jj: Tensor, Hr: Tensor, gr: Tensor) -> tuple[Tensor, Tensor]:

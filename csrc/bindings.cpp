@@ -1,0 +1,16 @@
+// pybind11 bindings of the mast3r_slam_ros._cuda extension. Python callers: mast3r_slam_ros/kernels/__init__.py.
+#include "kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mast3r_slam_ros CUDA kernels: iter_proj, refine_matches, per-edge Gauss-Newton sums";
+  m.def("iter_proj", &mast3r_slam_ros::iter_proj_cuda, "iterative projective matching (spec 4.2)",
+        pybind11::arg("rays_with_grad"), pybind11::arg("pts3d_norm"), pybind11::arg("p_init"),
+        pybind11::arg("max_iter"), pybind11::arg("lambda_init"), pybind11::arg("cost_thresh"));
+  m.def("refine_matches", &mast3r_slam_ros::refine_matches_cuda, "dilated descriptor refinement (spec 4.4)",
+        pybind11::arg("D11"), pybind11::arg("D21"), pybind11::arg("p1"), pybind11::arg("radius"),
+        pybind11::arg("dilation_max"));
+  m.def("gn_rays_blocks", &mast3r_slam_ros::gn_rays_blocks_cuda, "per-edge GN sums, ray+dist residual (spec 6.4)");
+  m.def("gn_calib_blocks", &mast3r_slam_ros::gn_calib_blocks_cuda,
+        "per-edge GN sums, pixel+log-depth residual (spec 6.5)");
+  m.def("gn_points_blocks", &mast3r_slam_ros::gn_points_blocks_cuda, "per-edge GN sums, 3-D point residual (6.6)");
+}

@@ -1,0 +1,55 @@
+// Host entry points of the mast3r_slam_ros._cuda extension (definitions in matching_kernels.cu, gn_kernels.cu).
+//
+// Semantics: spec upstream_algorithm.md §4.2 (iter_proj), §4.4 (refine_matches), §6.4-§6.6 (per-edge GN blocks).
+// The Python layer (mast3r_slam_ros/kernels/__init__.py) validates arguments too; these functions check again with
+// TORCH_CHECK (device, dtype, contiguity, shapes) because they can be called directly.
+// MSVC-safe: int64_t (never `long`), constexpr sizes, no VLAs, no GCC builtins.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace mast3r_slam_ros {
+
+// rays_with_grad [B,H,W,9] f32, pts3d_norm [B,HW,3] f32, p_init [B,HW,2] f32 -> {p [B,HW,2] f32, converged [B,HW] bool}
+std::vector<torch::Tensor> iter_proj_cuda(const torch::Tensor& rays_with_grad, const torch::Tensor& pts3d_norm,
+                                          const torch::Tensor& p_init, int64_t max_iter, double lambda_init,
+                                          double cost_thresh);
+
+// D11 [B,H,W,F] f16|f32|f64, D21 [B,HW,F] same dtype, p1 [B,HW,2] i64 -> p1_new [B,HW,2] i64
+torch::Tensor refine_matches_cuda(const torch::Tensor& D11, const torch::Tensor& D21, const torch::Tensor& p1,
+                                  int64_t radius, int64_t dilation_max);
+
+// Per-edge sums for the global Gauss-Newton. Tij [2E,8] f32 (relative poses T_i^-1 T_j, lietorch layout),
+// Xs [n,HW,3] f32, Cs [n,HW,1] f32, ii/jj [2E] i64, idx [2E,HW] i64, valid [2E,HW,1] bool, Q [2E,HW,1] f32.
+// Returns sums [2E,36] f64: 28 upper-triangular entries of Hr = sum Jr^T W Jr (row-major, a <= b), 7 entries of
+// gr = sum Jr^T W r, and the robust cost sum rho(sqrt(w0) r).
+torch::Tensor gn_rays_blocks_cuda(const torch::Tensor& Tij, const torch::Tensor& Xs, const torch::Tensor& Cs,
+                                  const torch::Tensor& ii, const torch::Tensor& jj, const torch::Tensor& idx,
+                                  const torch::Tensor& valid, const torch::Tensor& Q, double sigma_ray,
+                                  double sigma_dist, double C_thresh, double Q_thresh);
+
+torch::Tensor gn_calib_blocks_cuda(const torch::Tensor& Tij, const torch::Tensor& Xs, const torch::Tensor& Cs,
+                                   const torch::Tensor& K, const torch::Tensor& ii, const torch::Tensor& jj,
+                                   const torch::Tensor& idx, const torch::Tensor& valid, const torch::Tensor& Q,
+                                   int64_t height, int64_t width, int64_t pixel_border, double z_eps,
+                                   double sigma_pixel, double sigma_depth, double C_thresh, double Q_thresh);
+
+torch::Tensor gn_points_blocks_cuda(const torch::Tensor& Tij, const torch::Tensor& Xs, const torch::Tensor& Cs,
+                                    const torch::Tensor& ii, const torch::Tensor& jj, const torch::Tensor& idx,
+                                    const torch::Tensor& valid, const torch::Tensor& Q, double sigma_point,
+                                    double C_thresh, double Q_thresh);
+
+}  // namespace mast3r_slam_ros
+
+// Input checks shared by the .cu files.
+#define M3R_CHECK_CUDA(x) TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor")
+#define M3R_CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
+#define M3R_CHECK_DTYPE(x, dt) \
+  TORCH_CHECK((x).scalar_type() == (dt), #x " must have dtype " #dt ", got ", (x).scalar_type())
+#define M3R_CHECK_INPUT(x, dt) \
+  M3R_CHECK_CUDA(x);           \
+  M3R_CHECK_CONTIGUOUS(x);     \
+  M3R_CHECK_DTYPE(x, dt)
