@@ -21,7 +21,9 @@ from sensor_msgs.msg import CameraInfo, Image, PointField
 
 from mast3r_slam_ros.io.export import read_tum
 from mast3r_slam_ros.ros import conversions as conv
-from mast3r_slam_ros.ros.bagio import read_messages, write_image_bag
+from mast3r_slam_ros.io.rosbag import write_image_bag
+from mast3r_slam_ros.io.sources import CameraIntrinsics
+from mast3r_slam_ros.ros.bagio import read_messages
 from mast3r_slam_ros.ros.node import SlamNode, make_executor
 from mast3r_slam_ros.slam.system import SlamSystem
 from mast3r_slam_ros.testing import OraclePredictor, render_sequence
@@ -39,7 +41,9 @@ def seq():
 
 @pytest.fixture(scope="module")
 def bag(seq, tmp_path_factory):
-    return write_image_bag(tmp_path_factory.mktemp("bag") / "synthetic", seq.images, seq.stamps_ns, K=seq.K)
+    cam = CameraIntrinsics(K=seq.K, dist=np.zeros(5), width=seq.size[0], height=seq.size[1])
+    return write_image_bag(tmp_path_factory.mktemp("bag") / "synthetic", zip(seq.stamps_ns.tolist(), seq.images),
+                           camera_info=cam, camera_info_topic="/camera/camera_info", frame_id="camera_optical_frame")
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +71,10 @@ class Recording:
         r = self._s.track(rgb, stamp_ns)
         self.results.append(r)
         return r
+
+    def map_points(self, *a, **kw):
+        self.last_map = self._s.map_points(*a, **kw)
+        return self.last_map
 
     def __getattr__(self, name):
         return getattr(self._s, name)
@@ -158,7 +166,8 @@ def test_bag_of_synthetic_sequence_through_the_node(seq, bag, config_file, tmp_p
             np.testing.assert_allclose([p.pose.position.x, p.pose.position.y, p.pose.position.z], R_MAP_OPT @ d[:3],
                                        atol=1e-6)
         # map cloud: declared fields, map frame, finite points = the system's points in REP-103 map axes
-        assert rt.spin_until(ex, lambda: node._map_version_published == int(system.map_version), 30.0)
+        assert rt.spin_until(ex, lambda: node._map_version_published == (int(system.map_version), N_FRAMES), 30.0)
+        assert rt.spin_until(ex, lambda: rx.map[-1].width == len(system.last_map[0]))   # delivered
         cloud = rx.map[-1]
         # stamped with the newest image stamp at publication time (published only when the map changed)
         assert cloud.header.frame_id == "map" and conv.stamp_to_ns(cloud.header.stamp) in stamps
@@ -166,7 +175,7 @@ def test_bag_of_synthetic_sequence_through_the_node(seq, bag, config_file, tmp_p
             ("x", 0, PointField.FLOAT32, 1), ("y", 4, PointField.FLOAT32, 1), ("z", 8, PointField.FLOAT32, 1),
             ("rgb", 12, PointField.FLOAT32, 1)]
         xyz, rgb = conv.cloud_to_xyzrgb(cloud)
-        xyz_w, rgb_w = system.map_points(1.5, 0.0)
+        xyz_w, rgb_w = system.last_map    # what the node got from SlamSystem.map_points for this cloud
         assert len(xyz) == len(xyz_w) > 1000 and np.isfinite(xyz).all()
         np.testing.assert_allclose(xyz, xyz_w.astype(np.float64) @ R_MAP_OPT.T, atol=1e-5)
         np.testing.assert_array_equal(rgb, rgb_w)
@@ -183,7 +192,7 @@ def test_bag_of_synthetic_sequence_through_the_node(seq, bag, config_file, tmp_p
                                    np.stack([T.data.reshape(8).double().numpy()[:7] for _, T in traj]), atol=1e-6)
         from plyfile import PlyData
 
-        assert PlyData.read(str(tmp_path / "out" / "map.ply"))["vertex"].count == len(xyz_w)
+        assert PlyData.read(str(tmp_path / "out" / "map.ply"))["vertex"].count == len(system.last_map[0])
         res = rt.call_trigger(ex, tester, "/mast3r_slam/reset")
         assert res.success and len(system.trajectory()) == 0
         assert rt.spin_until(ex, lambda: len(rx.path[-1].poses) == 0)

@@ -203,7 +203,7 @@ class SlamNode(Node):
         self._last_stamp: Time | None = None
         self._last_result: Any = None
         self._path_version = -1
-        self._map_version_published = -1
+        self._map_version_published: tuple[int, int] | None = None
         self._kf_version_published = -1
         self._dirty_map = False
         self._warned: dict[str, float] = {}
@@ -538,7 +538,8 @@ class SlamNode(Node):
         if version != self._kf_version_published:
             self._publish_keyframes()
             self._kf_version_published = version
-        if version == self._map_version_published and not self._dirty_map:
+        # tracked frames are fused into keyframe pointmaps: a new processed frame also counts as a change
+        if self._map_key() == self._map_version_published and not self._dirty_map:
             return
         if self.pub_map.get_subscription_count() == 0:
             return  # computed when someone listens (the publisher is transient-local)
@@ -546,7 +547,7 @@ class SlamNode(Node):
 
     def publish_map(self) -> int:
         """Compute and publish ``~/map`` now; return the number of points."""
-        version = int(self.system.map_version)
+        version = self._map_key()
         xyz, rgb = self.system.map_points(float(self.p.map_conf_threshold), float(self.p.map_voxel_size))
         n_max = int(self.p.map_max_points)
         if n_max > 0 and len(xyz) > n_max:
@@ -559,6 +560,9 @@ class SlamNode(Node):
         self._map_version_published = version
         self._dirty_map = False
         return len(xyz_map)
+
+    def _map_key(self) -> tuple[int, int]:
+        return int(self.system.map_version), int(self.counters["processed"])
 
     def _publish_keyframes(self) -> None:
         kfs = self.system.keyframe_trajectory()
@@ -629,7 +633,7 @@ class SlamNode(Node):
             self._path = []
             self._path_version = int(self.system.map_version)
             self._last_result = None
-        self._map_version_published = -1
+        self._map_version_published = None
         if self._last_stamp is not None:
             self._publish_path(self._last_stamp)
         self.get_logger().info("SLAM reset")
