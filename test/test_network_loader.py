@@ -157,8 +157,11 @@ def test_safetensors_folder_with_config_json(tiny_ckpt, tmp_path):
     unique = {k: v.contiguous() for k, v in sd.items() if ".scratch.layer_rn." not in k}
     safetensors.save_file(unique, str(tmp_path / "model.safetensors"))
     kwargs = parse_model_string(loader.config_to_model_string(Mast3rConfig.tiny()))
+    kwargs["freeze"] = "none"
+    kwargs["some_flag_without_effect"] = True  # unknown config.json entries are ignored with a warning
     (tmp_path / "config.json").write_text(json.dumps(kwargs), encoding="utf-8")  # writes -Infinity / Infinity
-    model = load_model(tmp_path, precision=torch.bfloat16)
+    with pytest.warns(UserWarning, match="some_flag_without_effect"):
+        model = load_model(tmp_path, precision=torch.bfloat16)
     assert model.precision == "bf16" and model.config == Mast3rConfig.tiny()
     assert state_dict_sha256(model.state_dict()) == state_dict_sha256(sd)
 

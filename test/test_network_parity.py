@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from mast3r_slam_ros.network.keyed import apply_keyed_weights, state_dict_sha256
+from mast3r_slam_ros.network.keyed import keyed_model
 from mast3r_slam_ros.network.model import Mast3rConfig, Mast3rModel
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -48,15 +48,11 @@ def _image(u8: np.ndarray) -> torch.Tensor:
 
 
 def _keyed_model(folder: Path, config: Mast3rConfig) -> Mast3rModel:
+    """Keyed weights regenerated from the key names, hash-checked, loaded with load_state_dict(strict=True)."""
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    model = Mast3rModel(config, precision="fp32")
-    digest = apply_keyed_weights(model)
+    model, digest = keyed_model(config, precision="fp32")
     assert digest == meta["weights_sha256"], "keyed weights do not reproduce the fixture's sha256"
-    # the same weights must also load strictly through load_state_dict (the official path)
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
-    fresh_check = state_dict_sha256(sd)
-    model.load_state_dict(sd, strict=True)
-    assert fresh_check == digest
+    assert not any(p.is_meta for p in model.parameters())
     return model
 
 

@@ -61,11 +61,8 @@ class Attention(nn.Module):
         """``x [B, N, C]``, tables for ``x``'s positions -> ``[B, N, C]``."""
         b, n, c = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # [B, h, N, D]
-        rope = self._rope[0]
-        q = rope.apply(q, rope_tables)
-        k = rope.apply(k, rope_tables)
-        out = F.scaled_dot_product_attention(q, k, v)
+        qk = self._rope[0].apply(qkv[:2], rope_tables)  # q and k rotated in one pass, [2, B, h, N, D]
+        out = F.scaled_dot_product_attention(qk[0], qk[1], qkv[2])
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 

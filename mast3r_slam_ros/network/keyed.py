@@ -86,6 +86,26 @@ def apply_keyed_weights(model: torch.nn.Module) -> str:
     return state_dict_sha256(model.state_dict())
 
 
+def keyed_model(config=None, precision: str = "fp32"):
+    """Build a :class:`~mast3r_slam_ros.network.model.Mast3rModel` holding keyed weights, without a random init.
+
+    The module is created on the ``meta`` device and the keyed state dict is loaded with
+    ``load_state_dict(strict=True, assign=True)`` (the official loading path), so the full model costs one pass of
+    random-number generation (about 15-25 s on 2 CPU cores) and one copy of the weights in memory.
+
+    Returns:
+        ``(model, sha256)`` with the model on the CPU and the hex digest of its weights (see module docstring).
+    """
+    from .model import Mast3rConfig, Mast3rModel
+
+    with torch.device("meta"):
+        model = Mast3rModel(config or Mast3rConfig(), precision=precision)
+    sd = keyed_state_dict((k, tuple(v.shape)) for k, v in model.state_dict().items())
+    digest = state_dict_sha256(sd)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model, digest
+
+
 def keyed_state_dict(keys_and_shapes: Iterable[tuple[str, tuple[int, ...]]]) -> dict[str, Tensor]:
     """A state dict of keyed tensors for the given ``(key, shape)`` pairs (aliases share one tensor)."""
     out: dict[str, Tensor] = {}

@@ -202,7 +202,7 @@ def _config_from_json(path: Path) -> Mast3rConfig:
         raise CheckpointError(f"{path}: unsupported architecture {arch!r}; only {SUPPORTED_ARCH} is supported")
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if not k.startswith("_")}
     try:
-        return Mast3rConfig.from_constructor_kwargs(kwargs)
+        return Mast3rConfig.from_constructor_kwargs(kwargs, strict=False)
     except ValueError as exc:
         raise CheckpointError(f"{path}: unsupported MASt3R configuration: {exc}") from None
 

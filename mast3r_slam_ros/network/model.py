@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping, Sequence
 
@@ -67,12 +68,17 @@ class Mast3rConfig:
         return cls(enc_embed_dim=128, enc_depth=2, enc_num_heads=4, dec_embed_dim=96, dec_depth=10, dec_num_heads=4)
 
     @classmethod
-    def from_constructor_kwargs(cls, kwargs: Mapping[str, Any]) -> "Mast3rConfig":
+    def from_constructor_kwargs(cls, kwargs: Mapping[str, Any], strict: bool = True) -> "Mast3rConfig":
         """Map upstream ``AsymmetricMASt3R(**kwargs)`` arguments to a config.
+
+        Args:
+            kwargs: constructor keyword arguments (from the checkpoint's model string or a HF ``config.json``).
+            strict: if False, unknown argument names are ignored with a warning (the strict state-dict load still
+                catches any real architecture difference).
 
         Raises:
             ValueError: for an argument value this implementation does not support (another head, output mode,
-                position embedding, ...), naming the argument; unknown argument names also raise.
+                position embedding, ...), naming the argument; with ``strict`` unknown argument names also raise.
         """
         kw = dict(kwargs)
         out: dict[str, Any] = {}
@@ -118,8 +124,11 @@ class Mast3rConfig:
         # arguments without effect at inference
         for name in ("landscape_only", "freeze", "mask_ratio", "dec_depth2", "has_conf"):
             kw.pop(name, None)
-        if kw:
+        if kw and strict:
             raise ValueError(f"unsupported AsymmetricMASt3R argument(s): {', '.join(sorted(kw))}")
+        if kw:
+            warnings.warn(f"ignoring AsymmetricMASt3R argument(s) without effect here: {', '.join(sorted(kw))}",
+                          stacklevel=2)
         return cls(**out)
 
     def validate(self) -> None:

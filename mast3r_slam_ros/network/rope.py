@@ -27,7 +27,8 @@ class RopeTables:
 
     Attributes:
         cos: ``[B, 1, N, D]`` float32, cosine of the angle for every channel (broadcasts over heads).
-        sin: ``[B, 1, N, D]`` float32, sine of the angle for every channel.
+        sin: ``[B, 1, N, D]`` float32, sine of the angle with the rotation's sign folded in: ``-sin`` on the first
+            quarter of each half (``u' = u cos - v sin``), ``+sin`` on the second (``v' = v cos + u sin``).
     """
 
     cos: Tensor
@@ -73,32 +74,33 @@ class RoPE2D(torch.nn.Module):
         ang_y = p[..., 0:1] * inv_freq  # [B, N, D/4]
         ang_x = p[..., 1:2] * inv_freq
         ang = torch.cat([ang_y, ang_y, ang_x, ang_x], dim=-1)[:, None]  # [B, 1, N, D]
-        assert ang.shape[-1] == 4 * quarter
-        return RopeTables(cos=torch.cos(ang), sin=torch.sin(ang))
+        sign = torch.ones(2, 2, quarter, device=pos.device, dtype=torch.float32)
+        sign[:, 0] = -1.0
+        return RopeTables(cos=torch.cos(ang), sin=torch.sin(ang) * sign.flatten())
 
     @staticmethod
     def apply(x: Tensor, tables: RopeTables) -> Tensor:
         """Rotate tokens ``x`` with precomputed tables.
 
         Args:
-            x: ``[B, H, N, D]`` tokens (any float dtype) of H heads.
+            x: ``[..., B, H, N, D]`` tokens (any float dtype) of H heads (leading axes broadcast, e.g. q and k
+                stacked as ``[2, B, H, N, D]``).
             tables: output of :meth:`tables` for the same N and D (batch broadcastable).
 
         Returns:
-            ``[B, H, N, D]`` rotated tokens in ``x.dtype`` (computed in float32).
+            Rotated tokens of ``x``'s shape in ``x.dtype`` (computed in float32).
         """
         d = x.shape[-1]
-        q = d // 4
         xf = x.float()
-        parts = xf.unflatten(-1, (2, 2, q))  # [..., half, (u|v), q]
-        u = parts[..., 0, :]
-        v = parts[..., 1, :]
-        rot = torch.stack([-v, u], dim=-2).flatten(-3)  # rotate_half inside each half
-        out = xf * tables.cos + rot * tables.sin
+        # partner channel of every channel: swap the (u | v) quarters inside each half; the sign is in tables.sin
+        partner = xf.unflatten(-1, (2, 2, d // 4)).flip(-2).flatten(-3)
+        out = xf * tables.cos + partner * tables.sin
         return out.to(x.dtype)
 
     def forward(self, x: Tensor, pos: Tensor) -> Tensor:
         """Rotate ``x [B, H, N, D]`` by positions ``pos [B, N, 2]`` (row, col); returns ``[B, H, N, D]`` in x.dtype."""
         if x.ndim != 4:
             raise ValueError(f"x must have shape [B, heads, N, D], got {tuple(x.shape)}")
+        if x.shape[-1] % 4:
+            raise ValueError(f"head dimension must be a multiple of 4, got {x.shape[-1]}")
         return self.apply(x, self.tables(pos, x.shape[-1]))
