@@ -28,6 +28,7 @@ Usage: ``python tools/check_cuda_sources.py [--csrc DIR] [--nvcc PATH] [--std c+
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import re
 import shutil
@@ -233,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--std", default="c++17", help="C++ standard passed to nvcc (default c++17)")
     parser.add_argument("--arch", default=os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH,
                         help=f"CUDA archs, TORCH_CUDA_ARCH_LIST notation (default {DEFAULT_ARCH})")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="parallel nvcc processes (default: min(2, cores))")
     parser.add_argument("--lint-only", action="store_true", help="only run the MSVC lint, no nvcc")
     parser.add_argument("--show-warnings", action="store_true", help="print compiler output of files that pass")
     args = parser.parse_args(argv)
@@ -273,9 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         if stubs:
             print(f"check_cuda_sources: declaration-only stubs for headers absent here: {', '.join(stubs)}")
             includes = includes + [stub_dir]
-        print(f"check_cuda_sources: {nvcc} -std={args.std} arch={args.arch}; {len(sources)} source(s)")
-        for src in sources:
-            ok, output, seconds = compile_one(nvcc, src, tmp_path, includes, flags)
+        jobs = max(1, min(args.jobs, len(sources)))
+        print(f"check_cuda_sources: {nvcc} -std={args.std} arch={args.arch}; {len(sources)} source(s), {jobs} job(s)")
+        # nvcc runs as separate processes; the pool only waits on them (this is a build tool, not the SLAM core)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+            results = list(pool.map(lambda src: compile_one(nvcc, src, tmp_path, includes, flags), sources))
+        for src, (ok, output, seconds) in zip(sources, results):
             status = "ok" if ok else "FAILED"
             print(f"  nvcc -c {src.name}: {status} ({seconds:.1f} s)")
             if not ok or args.show_warnings:
