@@ -247,3 +247,12 @@ def test_save_keyframe_images_round_trip(tmp_path):
         save_keyframe_images(tmp_path / "kf2", imgs, frame_ids=[1, 2])
     with pytest.raises(ValueError, match="duplicate"):
         save_keyframe_images(tmp_path / "kf2", imgs, frame_ids=[1, 1, 2])
+
+
+def test_empty_map_and_trajectory_are_valid_files(tmp_path):
+    """A run that produced nothing still writes readable (empty) files instead of failing."""
+    res = write_ply(tmp_path / "e.ply", np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8), voxel_size=0.1)
+    assert res.n_written == 0 and PlyData.read(str(tmp_path / "e.ply"))["vertex"].count == 0
+    write_tum(tmp_path / "e.txt", [], [])
+    st, p7 = read_tum(tmp_path / "e.txt")
+    assert st.shape == (0,) and p7.shape == (0, 7)
