@@ -106,7 +106,26 @@ def test_tf32_equals_fp32_on_cpu(tiny):
     finally:
         model.set_precision("fp32")
     assert torch.equal(f, g)  # TF32 only changes CUDA matmuls
-    assert torch.backends.cuda.matmul.allow_tf32 is False  # flags restored after the call
+
+
+def test_precision_context_sets_and_restores_tf32_flags():
+    from mast3r_slam_ros.network.precision import precision_context
+
+    mm = torch.backends.cuda.matmul
+    before = (mm.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    with precision_context("tf32", "cpu"):
+        assert mm.fp32_precision == "tf32" and torch.backends.cudnn.conv.fp32_precision == "tf32"
+    with precision_context("fp32", "cpu", "head"):
+        assert mm.fp32_precision == "ieee" and torch.backends.cudnn.conv.fp32_precision == "ieee"
+    with precision_context("bf16", "cpu", "head"):  # heads: float32 with TF32 allowed, no autocast
+        assert mm.fp32_precision == "tf32" and not torch.is_autocast_enabled("cpu")
+    with precision_context("bf16", "cpu", "trunk"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert (mm.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == before
+    _ = mm.allow_tf32  # the legacy getter still works afterwards (no mixed-API error)
+    with pytest.raises(ValueError, match="precision"):
+        with precision_context("fp8", "cpu"):
+            pass
 
 
 def test_partial_decode_and_batching(tiny):

@@ -37,15 +37,30 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
 @contextlib.contextmanager
 def _tf32(enabled: bool) -> Iterator[None]:
-    mm = torch.backends.cuda.matmul.allow_tf32
-    cd = torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
+    """Allow/forbid TF32 for CUDA matmuls and cuDNN convolutions inside the block, restoring the state after.
+
+    Uses the ``fp32_precision`` API of torch >= 2.9 when present (mixing it with the legacy ``allow_tf32`` flags
+    makes torch raise), else the legacy flags.
+    """
+    mm = torch.backends.cuda.matmul
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(mm, "fp32_precision") and conv is not None and hasattr(conv, "fp32_precision"):
+        old = (mm.fp32_precision, conv.fp32_precision)
+        mode = "tf32" if enabled else "ieee"
+        mm.fp32_precision = mode
+        conv.fp32_precision = mode
+        try:
+            yield
+        finally:
+            mm.fp32_precision, conv.fp32_precision = old
+        return
+    old_legacy = (mm.allow_tf32, torch.backends.cudnn.allow_tf32)
+    mm.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = mm
-        torch.backends.cudnn.allow_tf32 = cd
+        mm.allow_tf32, torch.backends.cudnn.allow_tf32 = old_legacy
 
 
 @contextlib.contextmanager
