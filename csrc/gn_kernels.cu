@@ -9,7 +9,8 @@
 // (mast3r_slam_ros/kernels/gn_torch.py), which is also the reference in the tests.
 //
 // Launch: grid (blocks_per_edge, 2E), kThreads threads; each thread strides over the pixels of its edge (bounds
-// checked), block reduction by warp shuffles + shared memory, per-block partial sums summed on the host in float64.
+// checked), float64 accumulators, block reduction by warp shuffles + shared memory, per-block partial sums summed by
+// torch (float64).
 #include "kernels.h"
 
 #include <ATen/cuda/CUDAContext.h>
@@ -154,8 +155,8 @@ __global__ void gn_blocks_kernel(const float* __restrict__ Tij, const float* __r
                                  const float* __restrict__ Cs, const int64_t* __restrict__ ii,
                                  const int64_t* __restrict__ jj, const int64_t* __restrict__ idx,
                                  const bool* __restrict__ valid, const float* __restrict__ Q, int64_t n_kf,
-                                 int64_t HW, float C_thresh, float Q_thresh, Res res, float* __restrict__ partial) {
-  __shared__ float smem[kWarps][kNOut];
+                                 int64_t HW, float C_thresh, float Q_thresh, Res res, double* __restrict__ partial) {
+  __shared__ double smem[kWarps][kNOut];
   const int64_t e = blockIdx.y;
   const int64_t blk = blockIdx.x;
   const int64_t nb = gridDim.x;
@@ -177,9 +178,11 @@ __global__ void gn_blocks_kernel(const float* __restrict__ Tij, const float* __r
   T.q[3] = td[6] * qinv;
   T.s = td[7];
 
-  float acc[kNOut];
+  // per-pixel terms in float, sums in double: the gradient is a sum of many large, partly cancelling (Huber-clipped
+  // outlier) terms and float sums there move the GN step by ~1e-4 relative
+  double acc[kNOut];
 #pragma unroll
-  for (int a = 0; a < kNOut; ++a) acc[a] = 0.f;
+  for (int a = 0; a < kNOut; ++a) acc[a] = 0.0;
 
   if (edge_ok) {
     for (int64_t k = blk * kThreads + tid; k < HW; k += nb * kThreads) {
@@ -212,14 +215,14 @@ __global__ void gn_blocks_kernel(const float* __restrict__ Tij, const float* __r
       for (int r = 0; r < Res::R; ++r) {
         const float x = sw[r] * err[r];
         const float w = huber_w(x) * sw[r] * sw[r];
-        acc[kNOut - 1] += huber_rho(x);
+        acc[kNOut - 1] += static_cast<double>(huber_rho(x));
         int h = 0;
 #pragma unroll
         for (int a = 0; a < 7; ++a) {
           const float wJa = w * J[r][a];
-          acc[kNH + a] += wJa * err[r];
+          acc[kNH + a] += static_cast<double>(wJa * err[r]);
 #pragma unroll
-          for (int b = a; b < 7; ++b) acc[h++] += wJa * J[r][b];
+          for (int b = a; b < 7; ++b) acc[h++] += static_cast<double>(wJa * J[r][b]);
         }
       }
     }
@@ -230,14 +233,14 @@ __global__ void gn_blocks_kernel(const float* __restrict__ Tij, const float* __r
   const int warp = tid >> 5;
 #pragma unroll
   for (int a = 0; a < kNOut; ++a) {
-    float v = acc[a];
+    double v = acc[a];
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
     if (lane == 0) smem[warp][a] = v;
   }
   __syncthreads();
   if (tid < kNOut) {
-    float v = 0.f;
+    double v = 0.0;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) v += smem[w][tid];
     partial[(e * nb + blk) * kNOut + tid] = v;
@@ -287,15 +290,15 @@ torch::Tensor launch_blocks(const torch::Tensor& Tij, const torch::Tensor& Xs, c
   const int64_t nb =
       std::max<int64_t>(1, std::min<int64_t>(kMaxBlocksPerEdge, (HW + kThreads * kPixelsPerThread - 1) /
                                                                     (kThreads * kPixelsPerThread)));
-  auto partial = torch::zeros({E2, nb, kNOut}, Xs.options());
+  auto partial = torch::zeros({E2, nb, kNOut}, Xs.options().dtype(torch::kFloat64));
   const dim3 grid(static_cast<unsigned int>(nb), static_cast<unsigned int>(E2));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   gn_blocks_kernel<Res><<<grid, kThreads, 0, stream>>>(
       Tij.data_ptr<float>(), Xs.data_ptr<float>(), Cs.data_ptr<float>(), ii.data_ptr<int64_t>(),
       jj.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), valid.data_ptr<bool>(), Q.data_ptr<float>(), n, HW,
-      static_cast<float>(C_thresh), static_cast<float>(Q_thresh), res, partial.data_ptr<float>());
+      static_cast<float>(C_thresh), static_cast<float>(Q_thresh), res, partial.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return partial.to(torch::kFloat64).sum(1);
+  return partial.sum(1);
 }
 
 }  // namespace

@@ -8,7 +8,8 @@ Structure (shared with the CUDA backend):
 1. ``gn_blocks_*``: for every directed edge e = (i, j) and the relative pose ``T_ij = T_i⁻¹ T_j`` evaluate, over all
    pixels k of keyframe j, the residual ``r_k`` (prediction − measurement), the IRLS weights ``w_k`` and the Jacobian
    ``Jr_k`` w.r.t. a left perturbation of ``T_ij``, and reduce them to ``Hr_e = Σ Jrᵀ W Jr`` (7×7), ``gr_e = Σ Jrᵀ W r``
-   (7) and the robust cost ``c_e = Σ ρ(√w₀ r)``.
+   (7) and the robust cost ``c_e = Σ ρ(√w₀ r)``. Per-pixel terms are computed in the input precision (float32 in SLAM),
+   the sums over pixels in float64 (both backends).
 2. :func:`gn_solve`: because a left perturbation ``ξ_j`` of ``T_WC,j`` moves ``T_ij`` by ``Ad(T_i⁻¹) ξ_j`` and ``ξ_i``
    by ``−Ad(T_i⁻¹) ξ_i`` (§6.4), ``J_j = Jr·Ad(T_i⁻¹)`` and ``J_i = −J_j`` for every pixel. So
    ``H_jj = H_ii = −H_ij = −H_ji = Adᵀ Hr Ad`` and ``g_j = −g_i = Adᵀ gr`` — the same blocks upstream accumulates as a
@@ -174,7 +175,7 @@ def edge_terms(kind: str, Twc: Tensor, Xs: Tensor, Cs: Tensor, ii: Tensor, jj: T
     Jr = torch.where(okf.unsqueeze(-1), Jr, torch.zeros_like(Jr))
     x = sw * err
     w = huber_weight(x) * sw * sw
-    cost = huber_cost(x).sum(dim=(1, 2))
+    cost = huber_cost(x).to(torch.float64).sum(dim=(1, 2))
     return err, w, Jr, cost
 
 
@@ -182,7 +183,7 @@ def _blocks(kind: str, Twc: Tensor, Xs: Tensor, Cs: Tensor, ii: Tensor, jj: Tens
             Q: Tensor, C_thresh: float, Q_thresh: float, **p) -> tuple[Tensor, Tensor, Tensor]:
     E2, HW = idx.shape
     R = {"rays": 4, "calib": 3, "points": 3}[kind]
-    dtype = Xs.dtype
+    dtype = torch.float64
     Hr = torch.zeros(E2, 7, 7, dtype=dtype, device=Xs.device)
     gr = torch.zeros(E2, 7, dtype=dtype, device=Xs.device)
     cost = torch.zeros(E2, dtype=dtype, device=Xs.device)
@@ -192,15 +193,17 @@ def _blocks(kind: str, Twc: Tensor, Xs: Tensor, Cs: Tensor, ii: Tensor, jj: Tens
         e1 = min(E2, e0 + chunk)
         err, w, Jr, c = edge_terms(kind, Twc, Xs, Cs, ii[e0:e1], jj[e0:e1], idx[e0:e1], valid[e0:e1], Q[e0:e1],
                                    C_thresh, Q_thresh, **p)
-        wJ = Jr * w.unsqueeze(-1)
-        Hr[e0:e1] = torch.einsum("ekra,ekrb->eab", wJ, Jr)
-        gr[e0:e1] = torch.einsum("ekra,ekr->ea", wJ, err)
-        cost[e0:e1] = c
+        # per-pixel terms in the input precision, reduction over pixels in float64: the gradient is a sum of many
+        # large, partly cancelling (Huber-clipped outlier) terms, and float32 sums there move the GN step by ~1e-4
+        wJ = (Jr * w.unsqueeze(-1)).to(torch.float64)
+        Hr[e0:e1] = torch.einsum("ekra,ekrb->eab", wJ, Jr.to(torch.float64))
+        gr[e0:e1] = torch.einsum("ekra,ekr->ea", wJ, err.to(torch.float64))
+        cost[e0:e1] = c.to(torch.float64)
     return Hr, gr, cost
 
 
 def gn_blocks_rays_torch(Twc: Tensor, *, Xs, Cs, ii, jj, idx, valid, Q, sigma_ray, sigma_dist, C_thresh, Q_thresh):
-    """Per-edge ``Hr [2E,7,7]``, ``gr [2E,7]``, ``cost [2E]`` (dtype of Xs) of the rays residual (§6.4)."""
+    """Per-edge ``Hr [2E,7,7]``, ``gr [2E,7]``, ``cost [2E]`` (float64 sums) of the rays residual (§6.4)."""
     return _blocks("rays", Twc, Xs, Cs, ii, jj, idx, valid, Q, C_thresh, Q_thresh, sigma_ray=sigma_ray,
                    sigma_dist=sigma_dist)
 
