@@ -40,7 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--record-topics", nargs="*", default=list(DEFAULT_RECORD),
                         help="topics recorded with --record (default: the mast3r_slam node's outputs, /tf, /diagnostics)")
     parser.add_argument("--linger", type=float, default=2.0, metavar="SEC",
-                        help="keep recording SEC seconds after the last published message")
+                        help="keep recording at most SEC seconds after the last published message")
+    parser.add_argument("--idle", type=float, default=0.0, metavar="SEC",
+                        help="with --record: stop lingering once no output (other than /diagnostics) arrived for SEC "
+                             "seconds (0: linger fully)")
     parser.add_argument("--node-name", default="mast3r_slam_replay", help="name of the replay node")
 
 
@@ -82,7 +85,7 @@ def _stamp_ns_of(raw: bytes, msg_class) -> int | None:
 
 def replay(bag: Path, rate: float = 1.0, topics: list[str] | None = None, remap: dict[str, str] | None = None,
            qos: str = "reliable", wait_for_subscribers: float = 10.0, record: Path | None = None,
-           record_topics: list[str] | tuple[str, ...] = DEFAULT_RECORD, linger: float = 2.0,
+           record_topics: list[str] | tuple[str, ...] = DEFAULT_RECORD, linger: float = 2.0, idle: float = 0.0,
            node_name: str = "mast3r_slam_replay", log=print) -> dict:
     """Publish the bag's camera topics (see module docstring); returns ``{"published": {topic: n},
     "recorded": {topic: n}}``. Calls ``rclpy.init`` if needed and shuts its own context down.
@@ -181,8 +184,17 @@ def replay(bag: Path, rate: float = 1.0, topics: list[str] | None = None, remap:
             pubs[topic].publish(raw)
             published[topic] += 1
         end = time.monotonic() + (linger if writer is not None else 0.2)
+        def n_outputs():  # periodic topics (diagnostics) do not count as activity
+            return sum(v for k, v in recorded.items() if k != "/diagnostics")
+        last_rx = [time.monotonic(), n_outputs()]
         while time.monotonic() < end:
             executor.spin_once(timeout_sec=0.02)
+            if writer is not None and idle > 0:
+                n = n_outputs()
+                if n != last_rx[1]:
+                    last_rx = [time.monotonic(), n]
+                elif time.monotonic() - last_rx[0] > idle:
+                    break
     finally:
         executor.shutdown(timeout_sec=1.0)
         node.destroy_node()
@@ -197,7 +209,7 @@ def main(args: argparse.Namespace) -> int:
     """Entry point of ``mast3r-slam-ros replay``."""
     try:
         replay(args.bag, args.rate, args.topics, _parse_remaps(args.remap), args.qos, args.wait_for_subscribers,
-               args.record, args.record_topics, args.linger, args.node_name)
+               args.record, args.record_topics, args.linger, args.idle, args.node_name)
     except ImportError as exc:
         print(f"replay needs ROS 2 (rclpy and the message packages): {exc}\n"
               "  Source your ROS 2 installation, or run `python tools/setup_ros_env.py <venv>` (Linux).",

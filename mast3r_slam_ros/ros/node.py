@@ -375,7 +375,7 @@ class SlamNode(Node):
             rgb = decode(msg)
         except conv.ImageConversionError as exc:
             self.counters["malformed"] += 1
-            self._warn_throttled("malformed", f"skipping malformed image (stamp "
+            self._warn_throttled(f"malformed:{str(exc)[:24]}", f"skipping malformed image (stamp "
                                  f"{msg.header.stamp.sec}.{msg.header.stamp.nanosec:09d}): {exc}", 1.0)
             return
         if self.system is None:
