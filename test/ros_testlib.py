@@ -124,8 +124,8 @@ class Received:
 class Collector(Node):
     """Subscribes to every output of a node named ``node_name`` (in namespace ``ns``) and stores the messages."""
 
-    def __init__(self, node_name: str = "mast3r_slam", ns: str = "", name: str = "collector"):
-        super().__init__(name)
+    def __init__(self, node_name: str = "mast3r_slam", ns: str = "", name: str = "collector", **node_kwargs):
+        super().__init__(name, **node_kwargs)
         from diagnostic_msgs.msg import DiagnosticArray
         from geometry_msgs.msg import PoseArray, PoseStamped
         from nav_msgs.msg import Odometry, Path as PathMsg

@@ -167,7 +167,7 @@ def test_visp_cube_real_sequence_random_checkpoint(ros_ctx, tmp_path):
         "-p", "frame_policy:=latest", "-p", "image_qos:=reliable", "-p", "diagnostics_period:=0.5",
         "-r", "image:=/camera/image_raw", "-r", "camera_info:=/camera/camera_info"], log,
         extra_env={"OMP_NUM_THREADS": "1"})
-    col = rt.Collector(name="visp_collector")
+    col = rt.Collector(name="visp_collector", context=node.context)
     ex.add_node(col)
     try:
         _wait_node_up(node, ex, proc, log)
@@ -181,7 +181,8 @@ def test_visp_cube_real_sequence_random_checkpoint(ros_ctx, tmp_path):
             v = {kv.key: int(kv.value) for kv in col.rx.diagnostics[-1].status[0].values
                  if kv.key.startswith("frames_")}
             last = conv.stamp_to_ns(col.rx.odometry[-1].header.stamp)
-            return v["frames_processed"] + v["frames_dropped"] == v["frames_received"] and last == stamps[-1]
+            return (v["frames_processed"] + v["frames_dropped"] == v["frames_received"] and last == stamps[-1]
+                    and v["frames_processed"] == len(col.rx.odometry))
         assert rt.spin_until(ex, idle, 240.0), log.read_text(encoding="utf-8")[-3000:]
         assert proc.poll() is None
         v = {kv.key: kv.value for kv in col.rx.diagnostics[-1].status[0].values}
