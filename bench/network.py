@@ -138,17 +138,19 @@ def main(argv: list[str] | None = None) -> int:
         results[p] = bench_precision(model, p, (h, w), args.warmup, args.repeats)
 
     cols = ["encoder", "decoder", "head", "decode", "track_step", "sym_edge"]
-    print(f"MASt3R {args.config} on {name} ({dev.type}), {w}x{h}, median of {args.repeats} (ms)")
+    label = Path(args.checkpoint).name if args.checkpoint else args.config
+    print(f"MASt3R {label} on {name} ({dev.type}), {w}x{h}, median of {args.repeats} (ms)")
     print(f"{'precision':<10}" + "".join(f"{c:>12}" for c in cols) + f"{'peak GiB':>10}")
     for p, r in results.items():
         mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
         print(f"{p:<10}" + "".join(f"{r[c]:>12.2f}" for c in cols) + f"{mem:>10}")
     ref_row = {}
-    if "tf32" in results and dev.type == "cuda" and args.config == "full" and (w, h) == (512, 384):
+    is_full = model.config.enc_depth == 24 and model.config.enc_embed_dim == 1024
+    if "tf32" in results and dev.type == "cuda" and is_full and (w, h) == (512, 384):
         ref_row = {k: results["tf32"][k] / v for k, v in REFERENCE_TF32_H100.items()}
         print("tf32 / upstream H100 TF32 reference: " + ", ".join(f"{k} {v:.2f}x" for k, v in ref_row.items()))
     if args.json:
-        payload = {"device": name, "device_type": dev.type, "config": args.config, "size": [w, h],
+        payload = {"device": name, "device_type": dev.type, "config": label, "size": [w, h],
                    "repeats": args.repeats, "warmup": args.warmup, "torch": torch.__version__,
                    "results_ms": results, "reference_tf32_h100_ms": REFERENCE_TF32_H100,
                    "ratio_tf32_to_reference": ref_row}
