@@ -94,7 +94,7 @@ class RoPE2D(torch.nn.Module):
         xf = x.float()
         # partner channel of every channel: swap the (u | v) quarters inside each half; the sign is in tables.sin
         partner = xf.unflatten(-1, (2, 2, d // 4)).flip(-2).flatten(-3)
-        out = xf * tables.cos + partner * tables.sin
+        out = torch.addcmul(xf * tables.cos, partner, tables.sin)
         return out.to(x.dtype)
 
     def forward(self, x: Tensor, pos: Tensor) -> Tensor:
