@@ -157,8 +157,8 @@ def test_self_score_is_one_with_single_assignment():
 
 def test_codebook_training_schedule_and_reset():
     g = torch.Generator().manual_seed(5)
-    db = R.RetrievalDatabase(nfeat=40, codebook_train_images=2, codebook_freeze_images=4, n_clusters=16)
-    feats = [torch.randn(1, 40, 8, generator=g) for _ in range(6)]
+    db = R.RetrievalDatabase(nfeat=80, codebook_train_images=2, codebook_freeze_images=4, n_clusters=64)
+    feats = [torch.randn(1, 80, 32, generator=g) for _ in range(6)]
     db.add(feats[0], 0)
     assert not db.ready and db.query(feats[0]).kf_ids == []  # no codebook yet: no candidates
     db.add(feats[1], 1)

@@ -12,7 +12,7 @@ One keyframe ``idx`` (§1.4, §7.4):
    only if both match directions reach the minimum fraction;
 3. global Gauss–Newton over all keyframes of the graph (``solve_GN_calib`` if ``use_calib`` else ``solve_GN_rays``).
 
-Loop closures: an accepted retrieval edge to a keyframe at least :attr:`Backend.loop_min_gap` (10) keyframes older
+Loop closures: an accepted retrieval edge to a keyframe at least :attr:`Backend.loop_min_gap` (5) keyframes older
 than the new one is counted in :attr:`Backend.loop_closures` (upstream does not count; the gap separates revisits from
 the ordinary local edges to the last few keyframes). With ``runtime.loop_closure = False`` such edges are not added
 (retrieval candidates closer than the gap still are), which isolates the effect of loop closure on the trajectory.
@@ -51,9 +51,10 @@ class Backend:
         graph: the :class:`FactorGraph`. retrieval: the database. loop_closures: accepted loop edges (int).
         last_result: the last ``GNResult`` (or None). last_reloc: the last :class:`RelocResult` (or None).
         n_solve_failures: number of global solves that reported ``ok=False``.
+        n_relocalizations: successful relocalizations.
     """
 
-    loop_min_gap = 10
+    loop_min_gap = 5
 
     def __init__(self, store: Any, predictor: Any, cfg: Any = None, K=None,
                  retrieval: RetrievalDatabase | None = None, feature_fn: Callable | None = None):
@@ -72,6 +73,7 @@ class Backend:
         self.last_result = None
         self.last_reloc: RelocResult | None = None
         self.n_solve_failures = 0
+        self.n_relocalizations = 0
 
     def _make_retrieval(self, feature_fn: Callable | None) -> RetrievalDatabase:
         fn = feature_fn if feature_fn is not None else getattr(self.predictor, "retrieval_features", None)
@@ -142,6 +144,7 @@ class Backend:
                                          self.reloc_params, self.filtering_mode)
         if self.last_reloc.success:
             self.last_result = self.graph.last_result
+            self.n_relocalizations += 1
         return self.last_reloc.success
 
     def reset(self) -> None:
@@ -154,4 +157,5 @@ class Backend:
         self.last_result = None
         self.last_reloc = None
         self.n_solve_failures = 0
+        self.n_relocalizations = 0
 

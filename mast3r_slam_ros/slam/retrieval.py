@@ -48,8 +48,10 @@ descriptors of each added image (CPU, float16) and (re)trains when the number of
 ``codebook_train_images`` and every doubling of it up to ``codebook_freeze_images``; after each (re)training all
 stored images are re-aggregated with the new codebook, so scores stay consistent. After the last training the raw
 descriptors are dropped (memory bounded by ``codebook_freeze_images`` images). Until the first training the database
-answers every query with no candidates (the consecutive edge still exists in the factor graph). The number of words is
-``min(n_clusters, max(2, n_descriptors // 8))``.
+answers every query with no candidates; with the default ``codebook_train_images = 1`` a codebook exists from the
+first keyframe on (retrained at 2, 4, 8, 16 and 32 keyframes, then frozen). The number of words is
+``min(n_clusters, max(2, n_descriptors // 16))`` (``n_clusters`` = 256 by default: k-means over up to
+32 images × 300 descriptors stays at a few seconds on a CPU).
 
 Database ids are the keyframe indices passed to :meth:`add` (explicit, so relocalization can never make them diverge
 from the keyframe store, fixing spec §8 "latent bug" / §13.5 item 5).
@@ -283,9 +285,9 @@ class RetrievalDatabase:
     """
 
     def __init__(self, feature_fn: Callable[[Tensor], Tensor] | None = None, codebook: Tensor | str | Path | None = None,
-                 *, k: int = 3, min_thresh: float = 5e-3, nfeat: int = 300, n_clusters: int = 1024,
+                 *, k: int = 3, min_thresh: float = 5e-3, nfeat: int = 300, n_clusters: int = 256,
                  query_assign: int = 5, db_assign: int = 1, alpha: float = 3.0, sim_thresh: float = 0.0,
-                 codebook_train_images: int = 4, codebook_freeze_images: int = 64,
+                 codebook_train_images: int = 1, codebook_freeze_images: int = 32,
                  device: str | torch.device = "cpu", seed: int = 0):
         if k < 1 or nfeat < 1 or n_clusters < 2 or query_assign < 1 or db_assign < 1:
             raise ValueError("k, nfeat, query_assign, db_assign must be >= 1 and n_clusters >= 2")
@@ -456,8 +458,8 @@ class RetrievalDatabase:
     def _train(self) -> None:
         raws = [e.raw for e in self._entries if e.raw is not None]
         data = torch.cat(raws).float().to(self.device)
-        n_cl = min(self.n_clusters, max(2, data.shape[0] // 8))
-        self.centroids = kmeans(data, n_cl, seed=self.seed)
+        n_cl = min(self.n_clusters, max(2, data.shape[0] // 16))
+        self.centroids = kmeans(data, n_cl, n_iter=10, seed=self.seed)
         for e in self._entries:
             if e.raw is not None:
                 e.bits, e.words = self._aggregate_db(e.raw.float().to(self.device))
