@@ -212,3 +212,15 @@ def test_rviz_config_shows_the_node_outputs(declared):
     for cls in ("PointCloud2", "Path", "MarkerArray", "PoseArray", "Odometry"):
         assert shown[cls] in topics["pub"], (cls, shown[cls], node_pubs)
     assert shown["Image"] == "/camera/image_raw"   # the launch file's default image_topic
+
+
+def test_docs_list_every_parameter_topic_and_service(declared):
+    names, _, topics = declared
+    doc = (rt.REPO / "docs" / "ros.md").read_text(encoding="utf-8")
+    for n in names:
+        assert f"`{n}`" in doc, n
+    for t in topics["pub"]:
+        assert f"`{t.replace('/mast3r_slam/', '~/')}`" in doc, t
+    for s in ("~/reset", "~/save_map", "~/pause", "~/resume"):
+        assert f"`{s}`" in doc
+    assert (rt.REPO / "docs" / "images" / "ros_outputs.png").is_file() and "images/ros_outputs.png" in doc
