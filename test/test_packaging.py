@@ -69,14 +69,14 @@ def test_setup_data_files_install_share_and_marker(monkeypatch):
     # every file of launch/, config/, rviz/ is installed into share/<pkg>/<folder>
     for folder in ("launch", "config", "rviz"):
         on_disk = sorted(f"{folder}/{p.name}" for p in (ROOT / folder).glob("*") if p.is_file())
-        if folder == "config":
-            assert on_disk, "config/ must ship the SLAM configuration files"
-        if on_disk:
-            assert sorted(data_files.get(f"share/{PACKAGE}/{folder}", [])) == on_disk
+        assert on_disk, f"{folder}/ must ship files (launch files, configuration, RViz config)"
+        assert sorted(data_files.get(f"share/{PACKAGE}/{folder}", [])) == on_disk
     for files in data_files.values():
         for f in files:
             assert (ROOT / f).is_file(), f"data_files lists a missing file: {f}"
     assert (ROOT / "config" / "slam_base.yaml").is_file()
+    assert any(f.endswith(".launch.py") for f in data_files[f"share/{PACKAGE}/launch"])
+    assert any(f.endswith(".rviz") for f in data_files[f"share/{PACKAGE}/rviz"])
 
 
 def test_setup_entry_points_and_python_range(monkeypatch):
