@@ -2,10 +2,10 @@
 //
 // For every directed edge e = (i, j) with relative pose T_ij = T_i^-1 T_j (computed by the caller, lietorch layout
 // [t, q_xyzw, s]) and every pixel k of keyframe j: P = T_ij X_j,k, residual r (prediction - measurement), whitening
-// sqrt(w0) = sqrt(Q)/sigma (0 if invalid), Huber (1.345) IRLS weight w = huber(sqrt(w0) r) w0, Jacobian Jr w.r.t. a left
-// perturbation of T_ij. The kernel reduces Hr = sum Jr^T W Jr (upper triangle, 28), gr = sum Jr^T W r (7) and the robust
-// cost sum rho(sqrt(w0) r) (1) per edge. The world-frame Jacobians J_j = Jr Ad(T_i^-1), J_i = -J_j, the assembly of the
-// reduced system, the solve and the retraction are done by the same PyTorch code as the PyTorch backend
+// sqrt(w0) = sqrt(Q)/sigma (0 if invalid), Huber (1.345) IRLS weight w = huber(sqrt(w0) r) w0, Jacobian Jr w.r.t. a
+// left perturbation of T_ij. The kernel reduces Hr = sum Jr^T W Jr (upper triangle, 28), gr = sum Jr^T W r (7) and the
+// robust cost sum rho(sqrt(w0) r) (1) per edge. The world-frame Jacobians J_j = Jr Ad(T_i^-1), J_i = -J_j, the
+// assembly of the reduced system, the solve and the retraction are done by the same PyTorch code as the PyTorch backend
 // (mast3r_slam_ros/kernels/gn_torch.py), which is also the reference in the tests.
 //
 // Launch: grid (blocks_per_edge, 2E), kThreads threads; each thread strides over the pixels of its edge (bounds

@@ -18,7 +18,8 @@ constexpr int kChannels = 9;
 constexpr int64_t kMaxFeat = 64;  // descriptor length bound (SLAM uses 24); local arrays need a constant size
 
 // Bilinear 4-tap sample of all 9 channels at (u, v); the caller guarantees 0 <= u0 < W-1, 0 <= v0 < H-1.
-__device__ __forceinline__ void sample9(const float* __restrict__ img, int64_t W, float u, float v, float out[kChannels]) {
+__device__ __forceinline__ void sample9(const float* __restrict__ img, int64_t W, float u, float v,
+                                        float out[kChannels]) {
   const float u0f = floorf(u);
   const float v0f = floorf(v);
   const float du = u - u0f;

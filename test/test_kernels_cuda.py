@@ -44,7 +44,7 @@ def _scharr(rays: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _matching_problem(B: int, H: int, W: int, seed: int):
     g = torch.Generator(device="cpu").manual_seed(seed)
     v, u = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
-    imgs, tgts = [], []
+    imgs = []
     for _ in range(B):
         a = (torch.rand(4, generator=g) - 0.5) * 0.06
         x = (u - W / 2) / (0.9 * W) + a[0] * torch.sin(v / H * 3) + a[1] * torch.cos(u / W * 2)

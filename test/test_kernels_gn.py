@@ -141,7 +141,8 @@ PARAMS = {
 def torch_inputs(prob, Twc_data: np.ndarray, dtype=torch.float32):
     return dict(Twc=torch.tensor(Twc_data, dtype=dtype).contiguous(), Xs=torch.tensor(prob["Xs"], dtype=dtype),
                 Cs=torch.tensor(prob["Cs"], dtype=dtype), ii=torch.tensor(prob["ii"]), jj=torch.tensor(prob["jj"]),
-                idx=torch.tensor(prob["idx"]), valid=torch.tensor(prob["valid"]), Q=torch.tensor(prob["Q"], dtype=dtype))
+                idx=torch.tensor(prob["idx"]), valid=torch.tensor(prob["valid"]),
+                Q=torch.tensor(prob["Q"], dtype=dtype))
 
 
 def run_public(kind: str, prob, Twc_data, max_iter=10, delta_thresh=1e-8):
@@ -313,7 +314,8 @@ def test_gn_first_step_equals_dense_numpy_solve(kind):
             Mp, Mm = list(Mats), list(Mats)
             Mp[k] = expm7(d) @ Mats[k]
             Mm[k] = expm7(-d) @ Mats[k]
-            J[:, 7 * (k - 1) + a] = ((np_residuals(kind, prob, Mp)[0] - np_residuals(kind, prob, Mm)[0]) / (2 * h)).ravel()
+            diff = np_residuals(kind, prob, Mp)[0] - np_residuals(kind, prob, Mm)[0]
+            J[:, 7 * (k - 1) + a] = (diff / (2 * h)).ravel()
     A = J.T @ (wts[:, None] * J)
     b = J.T @ (wts * err.ravel())
     dx_ref = -np.linalg.solve(A, b)

@@ -261,8 +261,8 @@ def test_refine_matches_tie_and_nonpositive_rules(dtype):
 def test_refine_matches_rejects_bad_input():
     D11 = torch.zeros(1, 4, 4, 8)
     with pytest.raises(TypeError):
-        kernels.refine_matches(D11, torch.zeros(1, 16, 8, dtype=torch.float16), torch.zeros(1, 16, 2, dtype=torch.int64),
-                               3, 5)
+        kernels.refine_matches(D11, torch.zeros(1, 16, 8, dtype=torch.float16),
+                               torch.zeros(1, 16, 2, dtype=torch.int64), 3, 5)
     with pytest.raises(TypeError):
         kernels.refine_matches(D11, torch.zeros(1, 16, 8), torch.zeros(1, 16, 2), 3, 5)
     with pytest.raises(ValueError):

@@ -46,7 +46,8 @@ def set_backend(mode: str) -> None:
     mode = mode.strip().lower()
     if mode == "cuda" and _ext.load() is None:
         raise RuntimeError("kernel_backend 'cuda' requested but the CUDA extension mast3r_slam_ros._cuda is not "
-                           f"available ({_ext.load_error() or 'not built'}); build it with MAST3R_SLAM_ROS_BUILD_CUDA=1 "
+                           f"available ({_ext.load_error() or 'not built'}); build it with "
+                           "MAST3R_SLAM_ROS_BUILD_CUDA=1 "
                            "or use 'auto'/'torch'")
     _MODE = mode
 
@@ -67,7 +68,7 @@ def _use_cuda(*tensors: Tensor) -> bool:
     return backend() == "cuda" and all(t.is_cuda for t in tensors)
 
 
-# ---------------------------------------------------------------------------------------------------------------- checks
+# -------------------------------------------------------------------------------------------------------------- checks
 def _check_tensor(name: str, t, dtypes: tuple, ndim: int) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -88,7 +89,7 @@ def _check_shape(name: str, t: Tensor, shape: tuple) -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
-# -------------------------------------------------------------------------------------------------------------- matching
+# ------------------------------------------------------------------------------------------------------------ matching
 def iter_proj(rays_with_grad: Tensor, pts3d_norm: Tensor, p_init: Tensor, max_iter: int, lambda_init: float,
               cost_thresh: float) -> tuple[Tensor, Tensor]:
     """Iterative projective matching: per-pixel LM on the unit-ray error (spec §4.2).

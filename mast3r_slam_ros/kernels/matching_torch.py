@@ -35,7 +35,7 @@ def _bilinear_taps(img: Tensor, u: Tensor, v: Tensor, W: int) -> Tensor:
 
 
 def _unit(x: Tensor) -> Tensor:
-    """``x / |x|`` along the last dim; the norm is clamped at 1e-12 (F.normalize's eps) so a zero ray gives 0, not NaN."""
+    """``x / |x|`` along the last dim; the norm is clamped at 1e-12 (F.normalize's eps): a zero ray gives 0, not NaN."""
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
@@ -138,7 +138,8 @@ def refine_matches_torch(D11: Tensor, D21: Tensor, p1: Tensor, radius: int, dila
     B, H, W, F = D11.shape
     HW = H * W
     acc = _accum_dtype(D11.dtype)
-    d11 = D11.reshape(B, HW, F)
+    # channel-major copy in the accumulation dtype: one contiguous gather per channel and candidate set
+    d11t = D11.reshape(B, HW, F).to(acc).transpose(1, 2).contiguous()  # [B,F,HW]
     r = int(radius)
     side = 2 * r + 1
     n_off = side * side
@@ -146,7 +147,7 @@ def refine_matches_torch(D11: Tensor, D21: Tensor, p1: Tensor, radius: int, dila
     off_u = offs.repeat_interleave(side)  # outer loop over u offsets
     off_v = offs.repeat(side)             # inner loop over v offsets
     out = torch.empty_like(p1)
-    per_pixel = n_off * F * (torch.finfo(acc).bits // 8) * 3
+    per_pixel = n_off * 8 * 6  # index + a few float temporaries per candidate
     chunk = max(1, int(chunk_bytes) // max(1, B * per_pixel))
     init = refine_initial_best(D11.dtype)
     for s0 in range(0, HW, chunk):
@@ -154,18 +155,17 @@ def refine_matches_torch(D11: Tensor, D21: Tensor, p1: Tensor, radius: int, dila
         n = s1 - s0
         u0 = p1[:, s0:s1, 0].clone()
         v0 = p1[:, s0:s1, 1].clone()
-        q = D21[:, s0:s1].to(acc).unsqueeze(2)  # [B,n,1,F]
+        q = D21[:, s0:s1].to(acc)  # [B,n,F]
         best = torch.full((B, n), init, dtype=acc, device=D11.device)
         for d in range(int(dilation_max), 0, -1):
             uc = u0.unsqueeze(-1) + off_u * d  # [B,n,49]
             vc = v0.unsqueeze(-1) + off_v * d
             inb = (uc >= 0) & (uc < W) & (vc >= 0) & (vc < H)
-            lin = torch.where(inb, vc * W + uc, torch.zeros_like(uc))
-            g = torch.gather(d11, 1, lin.reshape(B, n * n_off, 1).expand(B, n * n_off, F))
-            g = g.reshape(B, n, n_off, F).to(acc)
-            s = g[..., 0] * q[..., 0]
-            for k in range(1, F):
-                s = s + g[..., k] * q[..., k]
+            lin = torch.where(inb, vc * W + uc, torch.zeros_like(uc)).reshape(B, n * n_off)
+            s = None
+            for k in range(F):  # sequential channel sum, separately rounded products and adds (as the CUDA kernel)
+                prod = torch.gather(d11t[:, k], 1, lin).reshape(B, n, n_off) * q[:, :, k:k + 1]
+                s = prod if s is None else s + prod
             s = torch.where(inb & ~torch.isnan(s), s, torch.full_like(s, float("-inf")))
             smax = s.amax(dim=-1)
             # first candidate (visiting order) that reaches the level maximum; argmax returns the first maximal index
