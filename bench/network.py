@@ -21,6 +21,7 @@ Usage::
     python bench/network.py                                  # full model, 512x384, all precisions, auto device
     python bench/network.py --device cpu --config tiny --size 96x64 --repeats 3 --precisions fp32
     python bench/network.py --json out.json
+    python bench/network.py --compile max-autotune-no-cudagraphs --warmup 3   # opt-in torch.compile of the stages
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", type=Path, default=None, help="write the results as JSON")
+    ap.add_argument("--compile", default=None, metavar="MODE",
+                    help="torch.compile the stages first (MODE: default, max-autotune-no-cudagraphs, ...)")
     args = ap.parse_args(argv)
 
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -129,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = Mast3rModel.from_config(args.config, device=dev)
     model.eval()
+    if args.compile:
+        model.compile_stages(**({} if args.compile == "default" else {"mode": args.compile}))
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     results = {}
     for p in precisions:
@@ -139,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cols = ["encoder", "decoder", "head", "decode", "track_step", "sym_edge"]
     label = Path(args.checkpoint).name if args.checkpoint else args.config
+    if args.compile:
+        label += f" (torch.compile {args.compile})"
     print(f"MASt3R {label} on {name} ({dev.type}), {w}x{h}, median of {args.repeats} (ms)")
     print(f"{'precision':<10}" + "".join(f"{c:>12}" for c in cols) + f"{'peak GiB':>10}")
     for p, r in results.items():
