@@ -214,3 +214,32 @@ def test_visp_cube_real_sequence_random_checkpoint(ros_ctx, tmp_path):
     text = log.read_text(encoding="utf-8")
     assert rc == 0, text[-3000:]
     assert "skipping malformed image" in text and "mono16" in text
+
+
+def test_missing_checkpoint_exits_with_clear_error(tmp_path):
+    """The real node module without a usable model: exit code 1 and a message naming the parameter and path."""
+    missing = tmp_path / "nope" / "model.pth"
+    proc = subprocess.run([sys.executable, "-m", "mast3r_slam_ros.ros.node", "--ros-args", "-p",
+                           f"checkpoint:={missing}"], env=rt.ros_child_env(), capture_output=True, text=True,
+                          timeout=120, cwd=str(rt.REPO))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"checkpoint '{missing}' does not exist" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "mast3r_slam_ros.ros.node"], env=rt.ros_child_env(),
+                          capture_output=True, text=True, timeout=120, cwd=str(rt.REPO))
+    assert proc.returncode == 1 and "parameter 'checkpoint' is empty" in proc.stderr
+
+
+def test_replay_cli_errors(tmp_path, capsys):
+    from mast3r_slam_ros.cli import main as cli_main
+
+    assert cli_main(["replay", str(tmp_path / "missing_bag")]) == 2
+    assert "not a rosbag2" in capsys.readouterr().err
+    frames = [np.zeros((8, 8, 3), np.uint8)] * 2
+    bag = write_image_bag(tmp_path / "b", zip([1, 2], frames))
+    assert cli_main(["replay", str(bag), "--rate", "0"]) == 2
+    assert "--rate must be > 0" in capsys.readouterr().err
+    assert cli_main(["replay", str(bag), "--topics", "/nope"]) == 2
+    assert "not in" in capsys.readouterr().err
+    (tmp_path / "exists").mkdir()
+    assert cli_main(["replay", str(bag), "--record", str(tmp_path / "exists")]) == 2
+    assert "already exists" in capsys.readouterr().err
