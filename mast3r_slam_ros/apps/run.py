@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -84,12 +83,15 @@ def _load_config(args: argparse.Namespace):
     return load_config(args.config, overrides or None)
 
 
-def read_intrinsics_yaml(path: Path) -> tuple[np.ndarray, np.ndarray, int | None, int | None]:
-    """Parse an upstream ``intrinsics.yaml`` (spec §10.2): returns ``(K [3,3] f64, dist [k] f64, width, height)``.
+def read_intrinsics_yaml(path: Path):
+    """Parse an upstream ``intrinsics.yaml`` (spec §10.2: ``width``, ``height``, ``calibration: [fx, fy, cx, cy,
+    k1, k2, p1, p2, (k3)]``, OpenCV order) into ``io.sources.CameraIntrinsics``.
 
     Raises: RunError for a missing file or malformed content.
     """
     import yaml
+
+    from mast3r_slam_ros.io.sources import CameraIntrinsics
 
     path = Path(path)
     if not path.is_file():
@@ -98,68 +100,48 @@ def read_intrinsics_yaml(path: Path) -> tuple[np.ndarray, np.ndarray, int | None
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise RunError(f"calibration file {path} is not valid YAML: {e}") from e
-    if not isinstance(data, dict) or "calibration" not in data:
-        raise RunError(f"calibration file {path} needs a 'calibration: [fx, fy, cx, cy, (k1, k2, p1, p2, k3)]' list")
-    cal = data["calibration"]
+    if not isinstance(data, dict) or "calibration" not in data or "width" not in data or "height" not in data:
+        raise RunError(f"calibration file {path} needs 'width', 'height' and 'calibration: [fx, fy, cx, cy, ...]'")
     try:
-        cal = [float(c) for c in cal]
+        return CameraIntrinsics.from_params([float(c) for c in data["calibration"]], int(data["width"]),
+                                            int(data["height"]))
     except (TypeError, ValueError) as e:
-        raise RunError(f"calibration file {path}: 'calibration' must be a list of numbers") from e
-    if len(cal) < 4 or not all(math.isfinite(c) for c in cal) or cal[0] <= 0 or cal[1] <= 0:
-        raise RunError(f"calibration file {path}: need at least fx, fy, cx, cy with fx, fy > 0, got {cal}")
-    K = np.array([[cal[0], 0.0, cal[2]], [0.0, cal[1], cal[3]], [0.0, 0.0, 1.0]])
-    w, h = data.get("width"), data.get("height")
-    return K, np.array(cal[4:], dtype=np.float64), (int(w) if w is not None else None), (int(h) if h is not None else None)
+        raise RunError(f"calibration file {path}: {e}") from e
 
 
-class Undistorter:
-    """``cv2.remap`` undistortion with ``K_opt = getOptimalNewCameraMatrix(K, dist, (W,H), alpha=0,
-    centerPrincipalPoint)`` (upstream ``dataloader.Intrinsics.from_calib``, spec §11.1). ``K_out`` is the camera
-    matrix of the undistorted images (``K`` itself when there is no distortion)."""
-
-    def __init__(self, K: np.ndarray, dist: np.ndarray, width: int, height: int, center_principal_point: bool = True):
-        import cv2
-
-        self.K_out = K.copy()
-        self.maps = None
-        self.size = (int(width), int(height))
-        if dist.size and np.any(dist != 0):
-            K_opt, _ = cv2.getOptimalNewCameraMatrix(K, dist, self.size, 0, self.size,
-                                                     centerPrincipalPoint=center_principal_point)
-            self.maps = cv2.initUndistortRectifyMap(K, dist, None, K_opt, self.size, cv2.CV_32FC1)
-            self.K_out = K_opt
-
-    def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        import cv2
-
-        if (rgb.shape[1], rgb.shape[0]) != self.size:
-            raise RunError(f"image size {rgb.shape[1]}x{rgb.shape[0]} differs from the calibration's "
-                           f"{self.size[0]}x{self.size[1]}")
-        if self.maps is None:
-            return rgb
-        return cv2.remap(rgb, self.maps[0], self.maps[1], cv2.INTER_LINEAR)
-
-
-def _open_source(args: argparse.Namespace):
+def _open_source(args: argparse.Namespace, cfg):
+    """Open the source; with calibrated mode (``--calib`` or ``use_calib``) images are undistorted by the source
+    (spec §11.1) and its ``intrinsics`` are those of the undistorted images."""
     from mast3r_slam_ros.io import sources
 
-    src = Path(args.source)
-    if not src.exists() and "://" not in str(args.source):
+    if not Path(args.source).exists():
         raise RunError(f"source not found: {args.source}")
-    kw = {}
+    kw: dict[str, Any] = {}
     if args.topic:
         kw["topic"] = args.topic
+    use_calib = bool(getattr(cfg, "use_calib", False))
+    if args.calib is not None:
+        kw["intrinsics"] = read_intrinsics_yaml(args.calib)
+    if use_calib:
+        kw["undistort"] = True
+        kw["center_principal_point"] = bool(getattr(getattr(cfg, "dataset", None), "center_principle_point", True))
     try:
         source = sources.open_source(args.source, **kw)
-    except (FileNotFoundError, ValueError) as e:
-        raise RunError(f"cannot open source {args.source}: {e}") from e
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        hint = " (pass --calib intrinsics.yaml)" if use_calib and args.calib is None else ""
+        raise RunError(f"cannot open source {args.source}: {e}{hint}") from e
     try:
         n = len(source)
     except TypeError:
         n = None
     if n == 0:
         raise RunError(f"source {args.source} contains no images")
-    return source, n
+    K = None
+    if use_calib:
+        if source.intrinsics is None:
+            raise RunError("use_calib is set but the source has no calibration; pass --calib intrinsics.yaml")
+        K = np.asarray(source.intrinsics.K, dtype=np.float64)
+    return source, n, K
 
 
 def _looks_like_repo_id(s: str) -> bool:
@@ -232,28 +214,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.max_frames is not None and args.max_frames < 1:
         raise RunError(f"--max-frames must be >= 1, got {args.max_frames}")
     cfg = _load_config(args)
-    source, n_total = _open_source(args)
+    source, n_total, K = _open_source(args, cfg)
     out = Path(args.out) if args.out is not None else Path("logs") / Path(str(args.source).rstrip("/\\")).stem
     out.mkdir(parents=True, exist_ok=True)
-
-    K = None
-    undistort = None
     use_calib = bool(getattr(cfg, "use_calib", False))
-    if args.calib is not None:
-        Kc, dist, w, h = read_intrinsics_yaml(args.calib)
-        center = bool(getattr(getattr(cfg, "dataset", None), "center_principle_point", True))
-        if w is None or h is None:
-            raise RunError(f"calibration file {args.calib} needs width and height")
-        undistort = Undistorter(Kc, dist, w, h, center)
-        K = undistort.K_out
-    elif use_calib:
-        intr = getattr(source, "intrinsics", None)
-        if intr is None:
-            raise RunError("use_calib is set but the source has no calibration; pass --calib intrinsics.yaml")
-        dist = np.asarray(getattr(intr, "dist", np.zeros(0)), dtype=np.float64)
-        center = bool(getattr(getattr(cfg, "dataset", None), "center_principle_point", True))
-        undistort = Undistorter(np.asarray(intr.K, dtype=np.float64), dist, intr.width, intr.height, center)
-        K = undistort.K_out
 
     device = str(resolve_device(getattr(getattr(cfg, "runtime", None), "device", "auto")))
     predictor = _load_predictor(args, cfg, device)
@@ -274,7 +238,7 @@ def run(args: argparse.Namespace) -> dict:
             for sample in _iterate(source, args.skip_corrupt):
                 if args.max_frames is not None and counts["frames"] >= args.max_frames:
                     break
-                rgb = sample.rgb if undistort is None else undistort(sample.rgb)
+                rgb = sample.rgb
                 try:
                     res = system.track(rgb, int(sample.stamp_ns))
                 except StampOrderError as e:
