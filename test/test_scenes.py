@@ -164,3 +164,14 @@ def test_bad_inputs_raise_clear_errors():
         render_poses(look_at(np.array([0.0, 0.0, 0.5]), np.array([0.0, 1.0, 0.0]))[None], size=(16, 16))
     with pytest.raises(ValueError, match="n_frames"):
         sequence_poses("loop", 0)
+
+
+def test_sensor_like_variants_stay_close_to_the_clean_render():
+    clean = render_sequence("loop", n_frames=2, size=(64, 64))
+    jpg = render_sequence("loop", n_frames=2, size=(64, 64), jpeg_quality=70)
+    noisy = render_sequence("loop", n_frames=2, size=(64, 64), image_noise=3.0)
+    d_jpg = np.abs(jpg.images.astype(float) - clean.images).mean()
+    d_noise = np.abs(noisy.images.astype(float) - clean.images)
+    assert 0.2 < d_jpg < 8.0
+    assert abs(d_noise.mean() - 3.0 * math.sqrt(2 / math.pi)) < 0.3  # E|N(0, 3)| (little clipping)
+    np.testing.assert_array_equal(jpg.depths, clean.depths)

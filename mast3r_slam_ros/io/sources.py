@@ -113,7 +113,7 @@ class CameraIntrinsics:
         return bool(self.dist.size and np.any(self.dist != 0))
 
 
-@dataclass
+@dataclass(eq=False)
 class Sample:
     """One image: ``stamp_ns`` (int, nanoseconds), ``rgb [H,W,3]`` uint8 RGB, ``index`` in the source, ``name``
     (file name or topic) for messages."""

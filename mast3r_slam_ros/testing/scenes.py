@@ -623,6 +623,7 @@ def render_poses(
     image_noise: float = 0.0,
     name: str = "custom",
     t0_ns: int = 1_700_000_000 * 10**9,
+    jpeg_quality: int | None = None,
 ) -> SyntheticSequence:
     """Render the room from arbitrary camera poses.
 
@@ -634,6 +635,7 @@ def render_poses(
         seed: texture seed (``build_room``) and image-noise seed.
         supersample: colour supersampling per axis.
         image_noise: std of additive Gaussian pixel noise in grey levels (0 = none).
+        jpeg_quality: if given, every image goes through a JPEG encode / decode at this quality (after the noise).
     Returns:
         ``SyntheticSequence``.
     """
@@ -654,6 +656,12 @@ def render_poses(
         rgb, d, f = room.render(T_WC[i], K, (W, H), supersample=supersample)
         if image_noise > 0:
             rgb = np.clip(rgb + rng.normal(0.0, image_noise, rgb.shape), 0, 255).round().astype(np.uint8)
+        if jpeg_quality is not None:
+            ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY,
+                                                                                   int(jpeg_quality)])
+            if not ok:
+                raise ValueError(f"JPEG encoding failed (quality {jpeg_quality})")
+            rgb = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
         images[i], depths[i], faces[i] = rgb, d, f
     stamps = t0_ns + np.rint(np.arange(n) * (1e9 / fps)).astype(np.int64)
     return SyntheticSequence(name, images, depths, T_WC, K, stamps, faces, room, float(fps))
@@ -668,6 +676,7 @@ def render_sequence(
     supersample: int = 1,
     image_noise: float = 0.0,
     hfov_deg: float = DEFAULT_HFOV_DEG,
+    jpeg_quality: int | None = None,
 ) -> SyntheticSequence:
     """Render a named suite sequence (``SEQUENCES``; spec ``test_data.md`` §2).
 
@@ -680,6 +689,7 @@ def render_sequence(
         supersample: colour supersampling per axis.
         image_noise: additive Gaussian pixel noise std (grey levels).
         hfov_deg: horizontal field of view.
+        jpeg_quality: optional JPEG round trip of every image (sensor-like variant).
     Returns:
         ``SyntheticSequence`` with ``meta["revisit_fraction"]`` for ``loop``.
     Raises:
@@ -687,7 +697,7 @@ def render_sequence(
     """
     poses = sequence_poses(name, n_frames)
     seq = render_poses(poses, size=size, K=intrinsics_for(size, hfov_deg), fps=fps, seed=seed,
-                       supersample=supersample, image_noise=image_noise, name=name)
+                       supersample=supersample, image_noise=image_noise, name=name, jpeg_quality=jpeg_quality)
     if name == "loop":
         seq.meta["revisit_fraction"] = LOOP_REVISIT_FRACTION
     return seq
