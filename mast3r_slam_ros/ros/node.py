@@ -200,6 +200,9 @@ class SlamNode(Node):
         self._in_rate, self._proc_rate = _RateWindow(), _RateWindow()
         self._track_time = deque(maxlen=50)
         self._path: list[tuple[int, tuple]] = []       # (stamp_ns, (t, q)) of every processed frame, map frame
+        self._path_msgs: list[PoseStamped] = []        # the same as messages (built once per pose)
+        self._path_dirty = False
+        self._path_sent_at = -1e18
         self._last_stamp: Time | None = None
         self._last_result: Any = None
         self._path_version = -1
@@ -452,6 +455,7 @@ class SlamNode(Node):
             self._last_stamp = stamp
             self._last_result = result
             self._path.append((stamp_ns, rt_map_cam))
+            self._path_msgs.append(conv.pose_stamped_msg(rt_map_cam, stamp, self.p.map_frame))
         self._publish_pose(rt_map_cam, stamp, cam_frame)
         if self.p.sync_backend:
             while self.system.backend_step():
@@ -508,15 +512,25 @@ class SlamNode(Node):
         poses = _world_poses_to_map(_stack_sim3([T for _, T in traj]), self.T_map_W)
         with self._lock:
             self._path = [(int(ns), rt) for (ns, _), rt in zip(traj, poses)]
+            self._path_msgs = [conv.pose_stamped_msg(rt, conv.ns_to_stamp(ns), self.p.map_frame) for ns, rt in self._path]
             self._path_version = version
 
-    def _publish_path(self, stamp: Time) -> None:
+    def _publish_path(self, stamp: Time, force: bool = False) -> None:
+        """Publish ``~/path`` now if ``force`` or ``path_publish_period`` elapsed, else mark it pending."""
+        now = time.monotonic()
         with self._lock:
-            path = list(self._path)
-        self.pub_path.publish(conv.path_msg(path, stamp, self.p.map_frame))
+            if not force and now - self._path_sent_at < float(self.p.path_publish_period):
+                self._path_dirty = True
+                return
+            msg = PathMsg(header=Header(stamp=stamp, frame_id=self.p.map_frame), poses=list(self._path_msgs))
+            self._path_dirty = False
+            self._path_sent_at = now
+        self.pub_path.publish(msg)
 
     # ------------------------------------------------------------------------------------------------ backend
     def _on_backend_timer(self) -> None:
+        if self._path_dirty and self._last_stamp is not None:
+            self._publish_path(self._last_stamp)
         if self.system is None or self.paused or self.p.sync_backend:
             return
         try:
@@ -630,12 +644,12 @@ class SlamNode(Node):
             return response
         self.system.reset()
         with self._lock:
-            self._path = []
+            self._path, self._path_msgs = [], []
             self._path_version = int(self.system.map_version)
             self._last_result = None
         self._map_version_published = None
         if self._last_stamp is not None:
-            self._publish_path(self._last_stamp)
+            self._publish_path(self._last_stamp, force=True)
         self.get_logger().info("SLAM reset")
         response.success, response.message = True, "reset"
         return response

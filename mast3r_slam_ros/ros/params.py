@@ -63,6 +63,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               range=(0.0, 1.0e6), read_only=False),
     ParamSpec("map_max_points", 500_000, "at most this many points in ~/map (uniform stride subsample); 0 = all.",
               range=(0, 1_000_000_000), step=1, read_only=False),
+    ParamSpec("path_publish_period", 0.2, "minimum time between two ~/path messages in seconds (the path holds every "
+              "frame; a pending update is sent by the backend timer); 0 = after every frame.", range=(0.0, 3600.0),
+              read_only=False),
     ParamSpec("diagnostics_period", 1.0, "period of /diagnostics in seconds.", range=(0.05, 3600.0)),
     ParamSpec("frustum_size", 0.05, "size of the keyframe frusta in ~/keyframes/markers (map units).",
               range=(0.0, 1.0e6), read_only=False),
