@@ -183,6 +183,23 @@ def test_wrong_architecture_checkpoint_raises(tmp_path):
         load_model(path)
 
 
+def test_args_with_paths_load_but_code_objects_are_refused(tmp_path):
+    """Training Namespaces may hold pathlib paths (allow-listed on demand); anything code-like is refused."""
+    import pathlib
+
+    good = tmp_path / "paths.pth"
+    torch.save({"model": {}, "args": argparse.Namespace(model="x", output_dir=pathlib.PurePosixPath("/out"))}, good)
+    assert loader.read_checkpoint(good)["args"].output_dir == pathlib.PurePosixPath("/out")
+    bad = tmp_path / "code.pth"
+    torch.save({"model": {}, "args": argparse.Namespace(model="x", hook=os_getcwd)}, bad)
+    with pytest.raises(CheckpointError, match="not allowed"):
+        loader.read_checkpoint(bad)
+
+
+def os_getcwd():  # a module-level function: pickled by reference, must never be resolved by the loader
+    return None
+
+
 def test_wrong_shapes_raise(tmp_path):
     path = tmp_path / "wrong.pth"
     torch.save({"model": {"w": torch.zeros(2)}, "args": argparse.Namespace(model=loader.config_to_model_string(

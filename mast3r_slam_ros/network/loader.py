@@ -145,10 +145,28 @@ def _mode_repr(mode: tuple) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- file reading
+#: harmless classes that training ``args`` Namespaces may hold; allow-listed on demand (never code-executing)
+_EXTRA_SAFE_GLOBALS = {
+    "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.PurePosixPath", "pathlib.PureWindowsPath", "pathlib.Path",
+    "numpy.dtype", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+    "collections.OrderedDict", "collections.defaultdict", "builtins.slice", "torch.device",
+}
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _resolve_global(qualname: str) -> Any:
+    module, _, name = qualname.rpartition(".")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a ``torch.save`` checkpoint with ``weights_only=True`` (``argparse.Namespace`` allow-listed).
 
-    Tries a memory-mapped load first (no second copy of the 2.75 GB weights), then a plain load.
+    Tries a memory-mapped load first (no second copy of the 2.75 GB weights), then a plain load. If the pickled
+    training arguments reference one of a few harmless classes (``pathlib`` paths, numpy scalars/dtypes, ...), that
+    class is allow-listed and the load retried; any other global is refused.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -157,17 +175,32 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    allowed: list[Any] = [argparse.Namespace]
     last: Exception | None = None
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        for mmap in (True, False):
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-            except Exception as exc:  # noqa: BLE001 - re-raised below with a clear message
-                last = exc
+    for _ in range(len(_EXTRA_SAFE_GLOBALS) + 1):
+        with torch.serialization.safe_globals(list(allowed)):
+            for mmap in (True, False):
+                try:
+                    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+                except Exception as exc:  # noqa: BLE001 - re-raised below with a clear message
+                    last = exc
+        m = _UNSUPPORTED_GLOBAL.search(str(last))
+        if not m:
+            break
+        name = m.group(1)
+        if name not in _EXTRA_SAFE_GLOBALS:
+            raise CheckpointError(
+                f"checkpoint {path} references {name}, which is not allowed when loading safely "
+                f"(weights_only=True); only plain tensors, argparse.Namespace and simple values are accepted"
+            ) from None
+        try:
+            allowed.append(_resolve_global(name))
+        except (ImportError, AttributeError):
+            break
     size = path.stat().st_size
     raise CheckpointError(
         f"cannot read checkpoint {path} ({size} bytes): it is truncated, corrupt or not a PyTorch checkpoint "
-        f"(official file is about 2.75 GB; re-download it). Loader error: {type(last).__name__}: {last}"
+        f"(official file is about 2.75 GB; re-download it). Loader error: {type(last).__name__}: {str(last)[:500]}"
     ) from None
 
 
