@@ -39,6 +39,14 @@ def cube_folder(tmp_path_factory) -> Path:
     return dst
 
 
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory) -> Path:
+    """A user config over the defaults: smaller descriptor-refinement window (CPU test budget)."""
+    path = tmp_path_factory.mktemp("cfg") / "small.yaml"
+    path.write_text("matching:\n  radius: 1\n  dilation_max: 2\n", encoding="utf-8")
+    return path
+
+
 def run_cli(*args: str) -> int:
     return cli.main(["run", *args])
 
@@ -46,20 +54,21 @@ def run_cli(*args: str) -> int:
 BASE = ("--device", "cpu", "--kernel-backend", "torch", "--img-size", "224", "--no-progress")
 
 
-def test_run_on_visp_cube_writes_all_outputs(cube_folder, checkpoint, tmp_path, capsys):
+def test_run_on_visp_cube_writes_all_outputs(cube_folder, checkpoint, small_config, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = run_cli(str(cube_folder), "--checkpoint", str(checkpoint), "--out", str(out), "--max-frames", "5", *BASE)
+    rc = run_cli(str(cube_folder), "--checkpoint", str(checkpoint), "--out", str(out), "--max-frames", "4",
+                 "--config", str(small_config), *BASE)
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    assert summary["frames"] == 5 and summary["kernel_backend"] == "torch" and summary["device"] == "cpu"
+    assert summary["frames"] == 4 and summary["kernel_backend"] == "torch" and summary["device"] == "cpu"
     assert summary["keyframes"] >= 1
     t_all, p_all = read_tum(out / "trajectory.txt")
     t_kf, p_kf = read_tum(out / "keyframes.txt")
-    assert len(t_all) == 5 and len(t_kf) == summary["keyframes"]
+    assert len(t_all) == 4 and len(t_kf) == summary["keyframes"]
     assert np.all(np.diff(t_all) > 0) and np.all(np.isfinite(p_all))
     assert set(np.round(t_kf, 6)) <= set(np.round(t_all, 6))  # keyframes are frames of the run
     # folder source: stamps are frame index / 30 Hz
-    np.testing.assert_allclose(t_all, np.arange(5) / 30.0, atol=1e-6)
+    np.testing.assert_allclose(t_all, np.arange(4) / 30.0, atol=1e-6)
     from plyfile import PlyData
 
     ply = PlyData.read(str(out / "map.ply"))
@@ -84,21 +93,29 @@ def test_empty_folder_is_a_clear_error(checkpoint, tmp_path, capsys):
     assert rc == 2 and "source not found" in capsys.readouterr().err
 
 
-def test_corrupt_image_is_named_or_skipped(cube_folder, checkpoint, tmp_path, capsys):
+def test_corrupt_image_is_named_or_skipped(cube_folder, checkpoint, small_config, tmp_path, capsys):
     folder = tmp_path / "cube_bad"
     shutil.copytree(cube_folder, folder)
-    bad = sorted(folder.glob("image.*.pgm"))[1]
+    bad = sorted(folder.glob("image.*.pgm"))[0]
     bad.write_bytes(b"P5\n384 288\n255\nthis is not image data")
-    rc = run_cli(str(folder), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o1"), "--max-frames", "3",
-                 *BASE)
+    rc = run_cli(str(folder), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o1"), "--max-frames", "2",
+                 "--config", str(small_config), *BASE)
     err = capsys.readouterr().err
     assert rc == 2 and bad.name in err and "--skip-corrupt" in err
     out = tmp_path / "o2"
-    rc = run_cli(str(folder), "--checkpoint", str(checkpoint), "--out", str(out), "--max-frames", "3",
-                 "--skip-corrupt", *BASE)
+    rc = run_cli(str(folder), "--checkpoint", str(checkpoint), "--out", str(out), "--max-frames", "1",
+                 "--skip-corrupt", "--config", str(small_config), *BASE)
     assert rc == 0
     t_all, _ = read_tum(out / "trajectory.txt")
-    assert len(t_all) == 3 and not np.any(np.isclose(t_all, 1 / 30.0))  # frame 1 (the corrupt one) was dropped
+    np.testing.assert_allclose(t_all, [1 / 30.0], atol=1e-6)  # frame 0 (the corrupt one) was dropped
+
+
+def test_bad_config_is_a_clear_error(cube_folder, checkpoint, tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("tracking:\n  no_such_key: 1\n", encoding="utf-8")
+    rc = run_cli(str(cube_folder), "--checkpoint", str(checkpoint), "--config", str(cfg), *BASE)
+    err = capsys.readouterr().err
+    assert rc == 2 and "no_such_key" in err
 
 
 def test_bad_calibration_file(cube_folder, checkpoint, tmp_path, capsys):

@@ -80,7 +80,10 @@ def _load_config(args: argparse.Namespace):
         overrides["use_calib"] = True
     if args.config is not None and not Path(args.config).is_file():
         raise RunError(f"config file not found: {args.config}")
-    return load_config(args.config, overrides or None)
+    try:
+        return load_config(args.config, overrides or None)
+    except ValueError as e:  # ConfigError names the key and the file
+        raise RunError(f"bad configuration: {e}") from e
 
 
 def read_intrinsics_yaml(path: Path):
