@@ -383,3 +383,16 @@ def test_gn_trivial_cases_and_bad_input():
         kernels.gauss_newton_calib(t["Twc"], t["Xs"], t["Cs"], torch.tensor(K_NP, dtype=torch.float32), t["ii"],
                                    t["jj"], t["idx"], t["valid"], t["Q"], H + 1, W, -10, 0.1, 1.0, 10.0, 1.0, 1.5, 10,
                                    1e-8)
+
+
+def test_solve_damped_retry_on_rank_deficient_system():
+    """A PSD system with an unobservable direction: plain Cholesky fails, the Levenberg retry solves the rest."""
+    A = torch.diag(torch.tensor([4.0, 2.0, 1.0, 3.0, 0.0, 5.0, 1.0], dtype=torch.float64))
+    b = torch.tensor([4.0, -2.0, 1.0, 3.0, 0.0, 5.0, 2.0], dtype=torch.float64)
+    dx, note = gn_torch._solve(A, b)
+    assert dx is not None and "damping" in note
+    live = torch.tensor([0, 1, 2, 3, 5, 6])
+    np.testing.assert_allclose(dx[live].numpy(), (-b[live] / A.diagonal()[live]).numpy(), rtol=1e-5)
+    assert dx[4].item() == 0.0
+    dx, note = gn_torch._solve(torch.full((7, 7), float("nan"), dtype=torch.float64), b)
+    assert dx is None and "non-finite" in note

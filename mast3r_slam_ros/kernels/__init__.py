@@ -206,8 +206,9 @@ def _check_graph(Twc, Xs, Cs, ii, jj, idx_ii2jj, valid_match, Q) -> tuple[int, i
             raise ValueError(f"ii/jj must be row indices into Twc (0..{n - 1}), got range [{lo}, {hi}]")
         if bool((ii == jj).any()):
             raise ValueError("an edge connects a keyframe to itself (ii == jj)")
-        if HW > 0:
-            imin, imax = int(idx_ii2jj.min()), int(idx_ii2jj.max())
+        if HW > 0:  # only matched pixels must index a pixel (unmatched ones read pixel 0)
+            idx_v = torch.where(valid_match[..., 0], idx_ii2jj, torch.zeros_like(idx_ii2jj))
+            imin, imax = int(idx_v.min()), int(idx_v.max())
             if imin < 0 or imax >= HW:
                 raise ValueError(f"idx_ii2jj must be pixel indices in [0, {HW}), got range [{imin}, {imax}]")
     return n, HW, E2

@@ -270,16 +270,23 @@ DAMPING = (1e-6, 1e-3, 1e-1)
 
 
 def _solve(A: Tensor, b: Tensor) -> tuple[Tensor | None, str]:
-    """Solve ``A dx = −b`` by Cholesky; on failure retry with ``A + μ(diag(A) + ε)``. Returns (dx or None, note)."""
+    """Solve ``A dx = −b`` by Cholesky; on failure retry with Levenberg damping ``A + μ·diag(max(A_kk, ε))``
+    (``ε = 1e-6·mean(A_kk)``, μ from :data:`DAMPING`). Returns ``(dx or None, note)``; the note says what was done.
+
+    For ``A = JᵀWJ``, ``b = JᵀWr`` lies in the range of ``A``, so directions that are unobservable (zero rows of A)
+    get a (near) zero step instead of an arbitrary one.
+    """
     if not (torch.isfinite(A).all() and torch.isfinite(b).all()):
         return None, "non-finite normal equations (NaN/Inf residuals or Jacobians)"
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) == 0:
         return -torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1), ""
     d = torch.diagonal(A)
-    eps = 1e-9 * float(d.abs().max().clamp_min(1.0))
+    floor = 1e-6 * float(d.abs().mean())
+    if not floor > 0:
+        return None, "all-zero normal equations"
     for mu in DAMPING:
-        Ad = A + torch.diag(mu * (d.clamp_min(0) + eps))
+        Ad = A + torch.diag(mu * d.clamp_min(floor))
         L, info = torch.linalg.cholesky_ex(Ad)
         if int(info) == 0:
             return (-torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1),

@@ -114,7 +114,7 @@ def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def refine_matches_torch(D11: Tensor, D21: Tensor, p1: Tensor, radius: int, dilation_max: int,
-                         chunk_bytes: int = 64 * 2**20) -> Tensor:
+                         chunk_bytes: int | None = None) -> Tensor:
     """Dilated local descriptor search (spec §4.4), vectorized over pixels and the 49 offsets of one level.
 
     Args:
@@ -123,7 +123,8 @@ def refine_matches_torch(D11: Tensor, D21: Tensor, p1: Tensor, radius: int, dila
         p1: ``[B,HW,2]`` int64 — current match ``(u, v)`` in image 1 of every image-2 pixel.
         radius: search radius r (offsets ``d·{-r..r}²``), upstream 3.
         dilation_max: levels ``d = dilation_max .. 1`` (upstream 5); after each level the search recenters on the best.
-        chunk_bytes: memory bound of one gathered block (pixels are processed in chunks).
+        chunk_bytes: memory bound of the per-chunk temporaries (pixels are processed in chunks); default 64 MiB on
+            the CPU, 1 GiB on a GPU (fewer, larger kernel launches).
 
     Returns:
         ``p1_new [B,HW,2]`` int64.
@@ -148,6 +149,8 @@ def refine_matches_torch(D11: Tensor, D21: Tensor, p1: Tensor, radius: int, dila
     off_v = offs.repeat(side)             # inner loop over v offsets
     out = torch.empty_like(p1)
     per_pixel = n_off * 8 * 6  # index + a few float temporaries per candidate
+    if chunk_bytes is None:
+        chunk_bytes = 2**30 if D11.is_cuda else 64 * 2**20
     chunk = max(1, int(chunk_bytes) // max(1, B * per_pixel))
     init = refine_initial_best(D11.dtype)
     for s0 in range(0, HW, chunk):
