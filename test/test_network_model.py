@@ -206,6 +206,7 @@ def test_inference_wrappers(tiny):
     class Looping:  # same model without the batching flag -> upstream loop
         encode, decode = model.encode, model.decode
 
+    assert isinstance(model, inference.Predictor) and isinstance(Looping(), inference.Predictor)
     sl = inference.symmetric_batch(Looping(), feat_i, pos_i, feat_j, pos_j, shape)
     assert sb.X.shape == (4, 2, 32, 48, 3) and sl.X.shape == sb.X.shape
     for name, tol in (("X", 3e-4), ("C", 3e-4), ("D", 5e-5), ("Q", 1e-4)):

@@ -7,11 +7,12 @@ Public API (docs/interfaces.md): :class:`HeadOutput`, :class:`Mast3rModel` (a Pr
 from __future__ import annotations
 
 from .heads import HeadOutput
+from .inference import Predictor, StackedPrediction
 from .model import AsymmetricMASt3R, Mast3rConfig, Mast3rModel
 from .precision import PRECISIONS
 
-__all__ = ["HeadOutput", "Mast3rModel", "AsymmetricMASt3R", "Mast3rConfig", "PRECISIONS", "load_model",
-           "DEFAULT_REPO_ID"]
+__all__ = ["HeadOutput", "Predictor", "StackedPrediction", "Mast3rModel", "AsymmetricMASt3R", "Mast3rConfig",
+           "PRECISIONS", "load_model", "DEFAULT_REPO_ID"]
 
 
 def __getattr__(name: str):

@@ -11,10 +11,26 @@ symmetric edges decoded in one batch instead of upstream's one-edge-at-a-time lo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from .heads import HeadOutput
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """The network API SLAM codes against (docs/interfaces.md); implemented by ``Mast3rModel`` and the oracle."""
+
+    def encode(self, img: Tensor, true_shape: Tensor) -> tuple[Tensor, Tensor]:
+        """``img [B,3,H,W]`` f32 in [-1,1], ``true_shape [B,2]`` int -> ``feat [B,P,C]`` f32, ``pos [B,P,2]`` i64."""
+        ...
+
+    def decode(self, feat1: Tensor, pos1: Tensor, feat2: Tensor, pos2: Tensor,
+               true_shape: Tensor) -> tuple[HeadOutput, HeadOutput]:
+        """``res1`` = view 1 in camera 1 (``X_11``), ``res2`` = view 2 in camera 1 (``X_21``)."""
+        ...
 
 
 @dataclass
