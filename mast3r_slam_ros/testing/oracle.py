@@ -7,7 +7,7 @@ the whole system without network weights. What it returns mirrors the MASt3R hea
 - ``encode(img, true_shape)``: identifies which sequence frame the network image is (exact match of the image
   re-quantized to uint8, else the nearest registered frame within a tolerance) and returns encoder-like tokens
   ``feat [B,P,C]`` that are a pure function of the image content (a fixed random projection of each 16x16 patch, so
-  retrieval on the tokens can find revisits) and ``pos [B,P,2]`` = (row, col) of the token grid.
+  retrieval on the tokens can find revisits; the token norm grows with the patch contrast) and ``pos [B,P,2]`` = (row, col) of the token grid.
 - ``decode(feat1, pos1, feat2, pos2, true_shape) -> (res1, res2)``: ``res1`` = frame-1 points in camera 1 (``X_11``),
   ``res2`` = frame-2 points in camera 1 (``X_21``), both with one per-pair scale; ``conf`` C >= 1 (high on textured,
   frontal surfaces, low on the plain wall, at grazing angles and depth edges, lower for frame-2 pixels that camera 1
@@ -378,7 +378,11 @@ class OraclePredictor:
         std = p.std(axis=1, ddof=1, keepdims=True)
         color = x.reshape(3, h, PATCH, w, PATCH).mean(axis=(2, 4)).transpose(1, 2, 0).reshape(h * w, 3)
         f = np.concatenate([(p - mean) / (std + 0.1), 2.0 * color], axis=1).astype(np.float32)
-        return torch.from_numpy(np.tanh(f @ self._proj + self._bias))
+        # token norm grows with the patch contrast (like attention on informative tokens), so norm-based token
+        # selection keeps textured patches
+        contrast = x.reshape(3, h, PATCH, w, PATCH).std(axis=(0, 2, 4)).reshape(h * w, 1)
+        weight = 0.3 + 0.7 * np.minimum(1.0, contrast / 0.1)
+        return torch.from_numpy((weight * np.tanh(f @ self._proj + self._bias)).astype(np.float32))
 
     @torch.no_grad()
     def encode(self, img: Tensor, true_shape: Tensor) -> tuple[Tensor, Tensor]:
