@@ -221,3 +221,18 @@ def test_offline_repo_id_says_where_to_put_the_file(tmp_path):
 def test_bad_precision_raises():
     with pytest.raises(ValueError, match="precision"):
         Mast3rModel.from_config("tiny", precision="int8")
+
+
+def test_random_test_checkpoint_runs(tmp_path):
+    """The default ``make-test-checkpoint`` output (random init) loads and gives well-formed outputs."""
+    from mast3r_slam_ros.apps.make_checkpoint import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "rand.pth", size="tiny", init="random", seed=3)
+    assert not (tmp_path / "rand.pth.part").exists()
+    model = load_model(path)
+    img = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    f, p = model.encode(img, torch.tensor([[32, 48]]))
+    r1, r2 = model.decode(f, p, f, p, torch.tensor([[32, 48]]))
+    for r in (r1, r2):
+        assert torch.isfinite(r.pts3d).all() and torch.all(r.conf >= 1) and torch.all(r.desc_conf > 0)
+        assert torch.allclose(r.desc.norm(dim=-1), torch.ones(()), atol=1e-5)
