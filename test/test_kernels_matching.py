@@ -142,6 +142,15 @@ def test_iter_proj_clamps_and_handles_non_multiple_of_16():
     assert not conv.any()
     p, _ = kernels.iter_proj(img, t, p0, 10, 1e-8, 1e-6)
     assert torch.all((p[..., 0] >= 1) & (p[..., 0] <= W - 2) & (p[..., 1] >= 1) & (p[..., 1] <= H - 2))
+    # NaN starts and NaN rays stay in bounds (NaN clamps to the lower bound, as fminf/fmaxf in CUDA)
+    p0n = p0.clone()
+    p0n[0, :5] = float("nan")
+    img_n = img.clone()
+    img_n[0, 3, 4] = float("nan")
+    p, conv = kernels.iter_proj(img_n, t, p0n, 10, 1e-8, 1e-6)
+    assert torch.all((p[..., 0] >= 1) & (p[..., 0] <= W - 2) & (p[..., 1] >= 1) & (p[..., 1] <= H - 2))
+    p, _ = kernels.iter_proj(img_n, t, p0n, 0, 1e-8, 1e-6)
+    assert torch.all(p[0, :5] == 1.0)
 
 
 def test_iter_proj_rejects_bad_input():

@@ -34,6 +34,11 @@ def _bilinear_taps(img: Tensor, u: Tensor, v: Tensor, W: int) -> Tensor:
             + (1 - du) * dv * g[:, :, 2] + du * dv * g[:, :, 3])
 
 
+def _clamp(x: Tensor, lo: float, hi: float) -> Tensor:
+    """``clamp`` with CUDA ``fminf(fmaxf(x, lo), hi)`` semantics: NaN maps to ``lo`` (so sampling stays in bounds)."""
+    return torch.where(torch.isnan(x), torch.full_like(x, lo), x.clamp(lo, hi))
+
+
 def _unit(x: Tensor) -> Tensor:
     """``x / |x|`` along the last dim; the norm is clamped at 1e-12 (F.normalize's eps): a zero ray gives 0, not NaN."""
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
@@ -63,8 +68,8 @@ def iter_proj_torch(rays_with_grad: Tensor, pts3d_norm: Tensor, p_init: Tensor, 
     img = rays_with_grad.reshape(B, H * W, Cc)
     t = pts3d_norm
     dtype = img.dtype
-    u = p_init[..., 0].to(dtype).clamp(1.0, float(W - 2))
-    v = p_init[..., 1].to(dtype).clamp(1.0, float(H - 2))
+    u = _clamp(p_init[..., 0].to(dtype), 1.0, float(W - 2))
+    v = _clamp(p_init[..., 1].to(dtype), 1.0, float(H - 2))
     lam = torch.full_like(u, float(lambda_init))
     converged = torch.zeros(u.shape, dtype=torch.bool, device=u.device)
     for _ in range(int(max_iter)):
@@ -84,8 +89,8 @@ def iter_proj_torch(rays_with_grad: Tensor, pts3d_norm: Tensor, p_init: Tensor, 
         det_inv = torch.where(ok, 1.0 / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(det))
         du = det_inv * (a11 * b0 - a01 * b1)
         dv = det_inv * (-a01 * b0 + a00 * b1)
-        un = (u + du).clamp(1.0, float(W - 2))
-        vn = (v + dv).clamp(1.0, float(H - 2))
+        un = _clamp(u + du, 1.0, float(W - 2))
+        vn = _clamp(v + dv, 1.0, float(H - 2))
         rn = _unit(_bilinear_taps(img, un, vn, W)[..., 0:3])
         en = rn - t
         cn = (en * en).sum(-1)
