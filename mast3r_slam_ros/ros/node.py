@@ -204,6 +204,7 @@ class SlamNode(Node):
         self._path_dirty = False
         self._path_sent_at = -1e18
         self._last_stamp: Time | None = None
+        self._last_stamp_ns: int | None = None
         self._last_result: Any = None
         self._path_version = -1
         self._map_version_published: tuple[int, int] | None = None
@@ -431,11 +432,16 @@ class SlamNode(Node):
     # ---------------------------------------------------------------------------------------------- tracking
     def _process(self, rgb: np.ndarray, header: Header) -> None:
         stamp_ns = conv.stamp_to_ns(header.stamp)
+        if self._last_stamp_ns is not None and stamp_ns <= self._last_stamp_ns:
+            self.counters["out_of_order"] += 1
+            self._warn_throttled("out_of_order", f"frame skipped: stamp {stamp_ns} ns is not after the previous "
+                                 f"frame's {self._last_stamp_ns} ns (call ~/reset after a bag restart)", 1.0)
+            return
         t0 = time.monotonic()
         try:
             result = self.system.track(rgb, stamp_ns)
-        except ValueError as exc:
-            key = "out_of_order" if "stamp" in str(exc) else "malformed"
+        except ValueError as exc:   # bad image or stamp for the SLAM core: system unchanged
+            key = "out_of_order" if type(exc).__name__ == "StampOrderError" else "malformed"
             self.counters[key] += 1
             self._warn_throttled(key, f"frame skipped: {exc}", 1.0)
             return
@@ -453,6 +459,7 @@ class SlamNode(Node):
             self.counters["keyframes_added"] += int(bool(result.is_keyframe))
             self._proc_rate.add(now)
             self._last_stamp = stamp
+            self._last_stamp_ns = stamp_ns
             self._last_result = result
             self._path.append((stamp_ns, rt_map_cam))
             self._path_msgs.append(conv.pose_stamped_msg(rt_map_cam, stamp, self.p.map_frame))
@@ -632,10 +639,7 @@ class SlamNode(Node):
         return "n/a"
 
     def _on_diagnostics_timer(self) -> None:
-        level = DiagnosticStatus.OK
-        msg = self.diagnostics()
-        self.pub_diag.publish(msg)
-        del level
+        self.pub_diag.publish(self.diagnostics())
 
     # ---------------------------------------------------------------------------------------------- services
     def _srv_reset(self, request, response):
@@ -645,6 +649,7 @@ class SlamNode(Node):
         self.system.reset()
         with self._lock:
             self._path, self._path_msgs = [], []
+            self._last_stamp_ns = None
             self._path_version = int(self.system.map_version)
             self._last_result = None
         self._map_version_published = None
