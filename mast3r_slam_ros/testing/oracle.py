@@ -421,15 +421,18 @@ class OraclePredictor:
         pos = torch.stack([rr.reshape(-1), cc.reshape(-1)], dim=-1).to(torch.int64)
         return torch.stack(feats).to(img.device), pos[None].expand(B, -1, -1).contiguous().to(img.device)
 
+    supports_partial_decode = True  # decode accepts need_res2 / need_desc like the network model
+
     @torch.no_grad()
-    def decode(self, feat1: Tensor, pos1: Tensor, feat2: Tensor, pos2: Tensor,
-               true_shape: Tensor) -> tuple[HeadOutput, HeadOutput]:
+    def decode(self, feat1: Tensor, pos1: Tensor, feat2: Tensor, pos2: Tensor, true_shape: Tensor,
+               need_res2: bool = True, need_desc: bool = True) -> tuple[HeadOutput, HeadOutput | None]:
         """Decoder + heads stand-in (spec §3.3): ``res1`` = view 1 in camera 1, ``res2`` = view 2 in camera 1.
 
         Args:
             feat1, feat2: ``[B,P,C]`` tokens from ``encode`` (any float dtype / device).
             pos1, pos2: ``[B,P,2]`` int64 token grid (checked for shape only).
             true_shape: ``[B,2]`` or ``[2]`` int (H, W) of the network images.
+            need_res2: False returns ``res2 = None``. need_desc: False returns ``desc = desc_conf = None``.
         Returns:
             ``(res1, res2)`` ``HeadOutput`` with ``pts3d [B,H,W,3]``, ``conf [B,H,W]`` (>= 1), ``desc [B,H,W,24]``
             (unit), ``desc_conf [B,H,W]`` (>= 0), float32 on ``feat1.device``.
@@ -449,17 +452,17 @@ class OraclePredictor:
         for b in range(B):
             i = self._frame_of_feat(feat1[b], H, W)
             j = self._frame_of_feat(feat2[b], H, W)
-            r1, r2 = self.pair_outputs(i, j, (H, W))
+            r1, r2 = self.pair_outputs(i, j, (H, W), need_desc=need_desc)
             outs[0].append(r1)
             outs[1].append(r2)
         self.n_decode += B
         dev = feat1.device
 
         def pack(rs: list[dict]) -> HeadOutput:
-            return HeadOutput(*(torch.from_numpy(np.stack([r[k] for r in rs])).to(dev)
-                                for k in ("pts3d", "conf", "desc", "desc_conf")))
+            return HeadOutput(*(torch.from_numpy(np.stack([r[k] for r in rs])).to(dev) if rs[0][k] is not None
+                                else None for k in ("pts3d", "conf", "desc", "desc_conf")))
 
-        return pack(outs[0]), pack(outs[1])
+        return pack(outs[0]), (pack(outs[1]) if need_res2 else None)
 
     # ------------------------------------------------------------------------------------------------ the pair model
     def _visibility(self, src: _FrameGT, T_WC_src: np.ndarray, dst: _FrameGT, T_WC_dst: np.ndarray, K: np.ndarray,
@@ -515,11 +518,13 @@ class OraclePredictor:
             d /= np.linalg.norm(d, axis=-1, keepdims=True)
         return d
 
-    def pair_outputs(self, i: int, j: int, true_shape: tuple[int, int]) -> tuple[dict, dict]:
+    def pair_outputs(self, i: int, j: int, true_shape: tuple[int, int], need_desc: bool = True) -> tuple[dict, dict]:
         """NumPy outputs of ``decode`` for the ordered frame pair (i, j) at network size ``(H, W)``.
 
         Returns two dicts (view i in camera i, view j in camera i) with ``pts3d [H,W,3]``, ``conf [H,W]``,
-        ``desc [H,W,24]``, ``desc_conf [H,W]`` float32. Deterministic for a given pair and ``noise.seed``.
+        ``desc [H,W,24]``, ``desc_conf [H,W]`` float32 (``desc`` / ``desc_conf`` None without ``need_desc``).
+        Deterministic for a given pair and ``noise.seed`` (descriptor noise is drawn last, so ``need_desc`` does not
+        change the geometry).
         """
         H, W = (int(v) for v in np.asarray(true_shape).reshape(-1)[:2])
         K = self._view(H, W).K
@@ -542,6 +547,9 @@ class OraclePredictor:
         if i == j:
             vis_i = np.ones((H, W), bool)
             vis_j = vis_i
+        elif not need_desc:  # visibility only lowers C of view 2 here
+            vis_i = np.ones((H, W), bool)
+            vis_j, _ = self._visibility(gj, Tj, gi, Ti, K)
         else:
             vis_i, _ = self._visibility(gi, Ti, gj, Tj, K)
             vis_j, _ = self._visibility(gj, Tj, gi, Ti, K)
@@ -550,13 +558,13 @@ class OraclePredictor:
         out1 = {
             "pts3d": (s * X_ii).astype(np.float32),
             "conf": (1.0 + (self.conf_max - 1.0) * rel_i).astype(np.float32),
-            "desc": self._descriptors(gi, rng),
-            "desc_conf": (self.q_floor + self.q_max * rel_i * vis_i).astype(np.float32),
+            "desc": self._descriptors(gi, rng) if need_desc else None,
+            "desc_conf": (self.q_floor + self.q_max * rel_i * vis_i).astype(np.float32) if need_desc else None,
         }
         out2 = {
             "pts3d": (s * X_ji).astype(np.float32),
             "conf": (1.0 + (self.conf_max - 1.0) * rel_j * (0.25 + 0.75 * vis_j)).astype(np.float32),
-            "desc": self._descriptors(gj, rng),
-            "desc_conf": (self.q_floor + self.q_max * rel_j * vis_j).astype(np.float32),
+            "desc": self._descriptors(gj, rng) if need_desc else None,
+            "desc_conf": (self.q_floor + self.q_max * rel_j * vis_j).astype(np.float32) if need_desc else None,
         }
         return out1, out2
