@@ -201,23 +201,21 @@ def test_undistort_moves_a_point_to_its_undistorted_projection(tmp_path):
     np.testing.assert_allclose(Ko, K_ref)
 
 
-def test_synthetic_sequence_saved_as_tum_reads_back():
+def test_synthetic_sequence_saved_as_tum_reads_back(tmp_path):
     from mast3r_slam_ros.testing import render_sequence
 
     seq = render_sequence("slow_translation", n_frames=4, size=(64, 48))
-    import tempfile
+    folder = seq.save_tum(tmp_path / "synthetic_tum")
+    src = open_source(folder)
+    assert isinstance(src, TUMSource) and len(src) == 4
+    for k, s in enumerate(src):
+        np.testing.assert_array_equal(s.rgb, seq.images[k])
+        assert abs(s.stamp_ns - int(seq.stamps_ns[k])) <= 1000  # rgb.txt keeps microseconds
+    np.testing.assert_allclose(src.intrinsics.K, seq.K)
+    gt = np.loadtxt(folder / "groundtruth.txt")
+    np.testing.assert_allclose(gt[:, 1:4], seq.T_WC_gt[:, :3, 3], atol=1e-8)
 
-    with tempfile.TemporaryDirectory() as d:
-        folder = seq.save_tum(Path(d) / "synthetic_tum")
-        src = open_source(folder)
-        assert isinstance(src, TUMSource) and len(src) == 4
-        for k, s in enumerate(src):
-            np.testing.assert_array_equal(s.rgb, seq.images[k])
-            assert abs(s.stamp_ns - int(seq.stamps_ns[k])) <= 1000  # rgb.txt keeps microseconds
-        np.testing.assert_allclose(src.intrinsics.K, seq.K)
 
-
-# ---------------------------------------------------------------------------------------------------------- EuRoC
 _SENSOR_YAML = """# General sensor definitions.
 sensor_type: camera
 comment: VI-Sensor cam0 (MT9M034)
