@@ -272,7 +272,7 @@ def setup(venv: Path, distro: str = "jazzy", force: bool = False) -> list[str]:
     to_generate = [p for p in GENERATED_INTERFACES
                    if (force and p == "tf2_msgs") or not probe(venv, GENERATED_INTERFACES[p]["check"])[0]]
     if to_generate:
-        tools = [prefix + t for t in BUILD_TOOLS[distro]] + ["catkin_pkg"]
+        tools = [prefix + t for t in BUILD_TOOLS[distro]] + ["catkin_pkg", "numpy"]  # numpy: rosidl_generator_py
         log("pip install build tools: " + " ".join(tools))
         pip_install(venv, tools, "pip install rosidl build tools")
         n = patch_exported_cmake(venv)
