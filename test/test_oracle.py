@@ -61,6 +61,15 @@ def test_small_native_size_and_partial_decode():
     assert m2 is None and m1.desc is None and m1.desc_conf is None
     torch.testing.assert_close(m1.pts3d, r1.pts3d)
     torch.testing.assert_close(m1.conf, r1.conf)
+    # a sequence from external ground truth (no scene, no face ids) works at its native size
+    from mast3r_slam_ros.testing import SyntheticSequence
+
+    ext = SyntheticSequence(seq.images, seq.depths, seq.T_WC_gt, seq.K, seq.stamps_ns)
+    o2 = OraclePredictor(ext, noise=OracleNoise.none())
+    f, p = o2.encode(torch.cat([_net(seq.images[0]), _net(seq.images[3])]), torch.tensor([[96, 128]] * 2))
+    _, e2 = o2.decode(f[:1], p[:1], f[1:], p[1:], torch.tensor([[96, 128]]))
+    np.testing.assert_allclose(_to_world(e2.pts3d[0].numpy(), seq.T_WC_gt[0]), seq.world_points(3).reshape(-1, 3),
+                               atol=1e-4)
 
 
 def test_identification_exact_noisy_and_foreign_images(loop_seq):

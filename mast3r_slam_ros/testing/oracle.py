@@ -284,7 +284,9 @@ class OraclePredictor:
             return vs.cache[i]
         if vs.native:
             depth = self.seq.depths[i].astype(np.float64)
-            face = self.seq.faces[i]
+            face = self.seq.faces[i] if self.seq.faces is not None else None
+            if face is None and self.seq.scene is not None:
+                face = self.seq.scene.render(self.seq.T_WC_gt[i], vs.K, (W, H), with_color=False)[2]
         else:
             _, d, face = self.seq.scene.render(self.seq.T_WC_gt[i], vs.K, (W, H), with_color=False)
             depth = d.astype(np.float64)
@@ -298,7 +300,7 @@ class OraclePredictor:
         tex = np.clip((blur - 0.75) / 2.25, 0.0, 1.0)
         # geometric reliability: incidence angle and depth discontinuities
         ray = Xc / np.linalg.norm(Xc, axis=-1, keepdims=True)
-        n_w = self.seq.scene.face_normal[face] if self.seq.scene is not None else None
+        n_w = self.seq.scene.face_normal[face] if (self.seq.scene is not None and face is not None) else None
         if n_w is not None:
             n_c = n_w @ T[:3, :3]  # world normal -> camera frame (R^T n)
             cos_inc = np.abs(np.sum(n_c * ray, axis=-1))

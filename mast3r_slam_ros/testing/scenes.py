@@ -528,25 +528,28 @@ def sequence_poses(name: str, n_frames: int | None = None) -> np.ndarray:
 class SyntheticSequence:
     """A rendered sequence with exact ground truth.
 
+    Field order follows docs/interfaces.md (``images, depths, T_WC_gt, K, stamps_ns``); the rest is optional.
+
     Attributes:
-        name: trajectory name.
         images: ``[T,H,W,3] uint8`` RGB.
         depths: ``[T,H,W] float32`` z-depth in metres (exact at pixel centres).
         T_WC_gt: ``[T,4,4] float64`` camera -> world, OpenCV optical axes.
         K: ``[3,3] float64`` intrinsics of ``images``.
         stamps_ns: ``[T] int64`` stamps (nanoseconds, ``fps`` apart).
-        faces: ``[T,H,W] int32`` face id per pixel (see ``Room``); used for normals / texture masks.
-        scene: the ``Room`` (lets the oracle re-render ground truth at other sizes).
+        name: trajectory name.
+        faces: ``[T,H,W] int32`` face id per pixel (see ``Room``; None if unknown); used for surface normals.
+        scene: the ``Room`` (lets the oracle re-render ground truth at other sizes; None if unknown).
         fps: frame rate used for the stamps.
+        meta: extra facts (``revisit_fraction`` for ``loop``).
     """
 
-    name: str
     images: np.ndarray
     depths: np.ndarray
     T_WC_gt: np.ndarray
     K: np.ndarray
     stamps_ns: np.ndarray
-    faces: np.ndarray
+    name: str = "custom"
+    faces: np.ndarray | None = None
     scene: Room | None = None
     fps: float = 30.0
     meta: dict = field(default_factory=dict)
@@ -664,7 +667,7 @@ def render_poses(
             rgb = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
         images[i], depths[i], faces[i] = rgb, d, f
     stamps = t0_ns + np.rint(np.arange(n) * (1e9 / fps)).astype(np.int64)
-    return SyntheticSequence(name, images, depths, T_WC, K, stamps, faces, room, float(fps))
+    return SyntheticSequence(images, depths, T_WC, K, stamps, name=name, faces=faces, scene=room, fps=float(fps))
 
 
 def render_sequence(
