@@ -80,7 +80,7 @@ class Recording:
         return getattr(self._s, name)
 
 
-def _make(seq, config_file, tmp_path, **params):
+def _make(seq, config_file, tmp_path, executor="single_threaded", **params):
     holder = {}
 
     def factory(pred, cfg, K):
@@ -98,7 +98,7 @@ def _make(seq, config_file, tmp_path, **params):
     qos = rt.image_qos_for_test()
     pubs = {"/camera/image_raw": tester.create_publisher(Image, "/camera/image_raw", qos),
             "/camera/camera_info": tester.create_publisher(CameraInfo, "/camera/camera_info", qos)}
-    ex = make_executor("single_threaded")
+    ex = make_executor(executor)
     for n in (node, col, tester):
         ex.add_node(n)
     rt.wait_for_subscribers(ex, pubs["/camera/image_raw"])
@@ -222,5 +222,31 @@ def test_latest_policy_reports_drops_when_images_come_faster_than_tracking(seq, 
         # the processed frames are a subsequence of the input ending with the newest
         out = [conv.stamp_to_ns(p.header.stamp) for p in col.rx.path[-1].poses]
         assert out[-1] == int(seq.stamps_ns[-1]) and set(out) <= {int(s) for s in seq.stamps_ns}
+    finally:
+        _close(ex, node, col, tester)
+
+
+def test_multi_threaded_executor_with_concurrent_backend(seq, bag, config_file, tmp_path):
+    """Tracking and backend_step run on two threads (MultiThreadedExecutor): every frame processed, no errors,
+    the final path equals the system's trajectory."""
+    node, col, tester, pubs, ex, holder = _make(seq, config_file, tmp_path, executor="multi_threaded",
+                                                sync_backend=False, backend_period=0.01)
+    try:
+        _publish_bag(pubs, bag)
+        rx = col.rx
+        assert rt.spin_until(ex, lambda: node.counters["processed"] == N_FRAMES, 120.0), f"counters {node.counters}"
+        system = holder["sys"]
+        assert rt.spin_until(ex, lambda: not system.backend.has_work() if system.backend is not None else True, 60.0)
+        traj = system.trajectory()
+
+        def path_matches():
+            if not rx.path or len(rx.path[-1].poses) != N_FRAMES:
+                return False
+            got = np.array([[p.pose.position.x, p.pose.position.y, p.pose.position.z] for p in rx.path[-1].poses])
+            ref = np.stack([R_MAP_OPT @ T.data.reshape(8).double().numpy()[:3] for _, T in system.trajectory()])
+            return np.allclose(got, ref, atol=1e-6)
+        assert rt.spin_until(ex, path_matches, 30.0)
+        assert node.counters["errors"] == 0 and len(traj) == N_FRAMES
+        assert [conv.stamp_to_ns(m.header.stamp) for m in rx.odometry] == [int(s) for s in seq.stamps_ns]
     finally:
         _close(ex, node, col, tester)
