@@ -1,0 +1,285 @@
+"""CUDA-graph replay of MASt3R ``encode`` / ``decode`` for fixed shapes, with an eager fallback.
+
+Why: at 512x384 (768 tokens) one tracking step of ViT-L + 2x ViT-B + two DPT heads is about 0.6 TFLOP, i.e. a few ms
+of tensor-core math on an H100/H200, but the eager step launches thousands of small kernels from Python and is bound by
+launch and dispatch overhead (bf16 was measured *slower* than TF32 eagerly, ``docs/perf_logs``). A CUDA graph records
+the kernels of one call once and replays them with one launch (PyTorch ``torch.cuda.CUDAGraph``; NVIDIA CUDA
+Programming Guide, "CUDA Graphs").
+
+:class:`GraphedPredictor` wraps a :class:`~mast3r_slam_ros.network.model.Mast3rModel` and implements the same Predictor
+API (``encode`` / ``decode`` of ``docs/interfaces.md``, including ``need_res2`` / ``need_desc``). Per input signature
+(batch, image or token shape, flags, precision) it captures one graph lazily on the first call; later calls copy the
+inputs into the graph's static buffers, replay, and return **clones** of the outputs (the caller owns them, as with the
+eager model). Signatures beyond ``max_graphs`` and batch sizes not in ``graph_batches`` run eagerly.
+
+Fallback: graphs are used only for CUDA inputs when ``torch.cuda.is_available()``, ``enabled`` is not False and the
+environment variable ``MAST3R_SLAM_ROS_CUDA_GRAPHS`` is not ``0``; a capture that raises (old driver, an op that
+cannot be captured, ...) is logged once and that signature runs eagerly from then on. Results equal the eager model's
+(same kernels; tests compare them).
+
+bf16/fp16: with ``cast_trunk`` (default) the Linear/Conv weights of the encoder and decoders are stored in the autocast
+dtype once, so no weight cast runs per call. Autocast casts those weights to the same dtype anyway, so the results are
+bit-identical to the autocast path with float32 weights; LayerNorms, RoPE tables (float32 angles) and the heads stay
+float32. Switching such a wrapper back to fp32/tf32 restores float32 weights from a CPU copy kept at cast time.
+
+Concurrency: a lock serializes copy-in, replay and clone-out, so two executor threads (``executor: multi_threaded``)
+may share one wrapper. No thread is started here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .heads import HeadOutput
+from .precision import autocast_dtype, check_precision
+
+log = logging.getLogger(__name__)
+
+#: environment switch: "0" disables graph capture everywhere (eager fallback)
+ENV_SWITCH = "MAST3R_SLAM_ROS_CUDA_GRAPHS"
+
+#: trunk sub-modules of Mast3rModel whose Linear/Conv weights run under autocast
+TRUNK_MODULES = ("patch_embed", "enc_blocks", "decoder_embed", "dec_blocks", "dec_blocks2")
+
+
+def graphs_available(device: torch.device | str | None = None) -> bool:
+    """True if CUDA graphs can be used for tensors on ``device`` (a CUDA device, CUDA available, not disabled by
+    ``MAST3R_SLAM_ROS_CUDA_GRAPHS=0``)."""
+    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+        return False
+    if not torch.cuda.is_available():
+        return False
+    return device is None or torch.device(device).type == "cuda"
+
+
+def cast_trunk_(model: nn.Module, dtype: torch.dtype) -> int:
+    """Cast the Linear/Conv2d parameters of the encoder/decoder trunk of ``model`` to ``dtype`` in place.
+
+    LayerNorms and the heads are left untouched. Returns the number of parameters cast.
+    Raises: ValueError if ``model`` lacks the trunk modules of :class:`Mast3rModel`.
+    """
+    n = 0
+    for name in TRUNK_MODULES:
+        mod = getattr(model, name, None)
+        if mod is None:
+            raise ValueError(f"model has no trunk module {name!r}; cast_trunk_ needs a Mast3rModel")
+        for m in mod.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                for p in m.parameters(recurse=False):
+                    if p.dtype != dtype:
+                        p.data = p.data.to(dtype)
+                        n += p.numel()
+    return n
+
+
+@dataclass
+class _Graph:
+    graph: Any
+    inputs: list[Tensor]
+    outputs: Any
+    calls: int = 0
+
+
+@dataclass
+class GraphStats:
+    """Counters: ``captured`` graphs, ``replays``, ``eager`` calls, ``failed`` signatures (capture raised)."""
+
+    captured: int = 0
+    replays: int = 0
+    eager: int = 0
+    failed: list = field(default_factory=list)
+
+
+def _clone_out(out: Any) -> Any:
+    if out is None:
+        return None
+    if isinstance(out, Tensor):
+        return out.clone()
+    if isinstance(out, HeadOutput):
+        return HeadOutput(*(None if t is None else t.clone() for t in (out.pts3d, out.conf, out.desc, out.desc_conf)))
+    if isinstance(out, (tuple, list)):
+        return type(out)(_clone_out(o) for o in out)
+    raise TypeError(f"cannot clone graph output of type {type(out).__name__}")
+
+
+class GraphedPredictor:
+    """Predictor that replays CUDA graphs of a MASt3R model's ``encode``/``decode`` (see the module docstring).
+
+    Args:
+        model: the :class:`~mast3r_slam_ros.network.model.Mast3rModel` (its ``precision`` is used; eval mode).
+        enabled: None = automatic (:func:`graphs_available` for the model's device), False = always eager,
+            True = like None (graphs when available).
+        graph_batches: decoder batch sizes that get graphs (default ``(1,)``: tracking and mono; the backend's
+            variable symmetric batches run eagerly).
+        max_graphs: at most this many captured signatures (each holds its static buffers).
+        cast_trunk: for bf16/fp16, store the trunk Linear/Conv weights in that dtype (see module docstring).
+        warmup: eager runs on a side stream before each capture (cuBLAS/cuDNN workspace and algorithm selection).
+
+    Raises:
+        TypeError: ``model`` lacks ``encode``/``decode``.
+    """
+
+    supports_partial_decode = True
+    supports_batched_decode = True
+
+    def __init__(self, model: Any, enabled: bool | None = None, graph_batches: Sequence[int] = (1,),
+                 max_graphs: int = 8, cast_trunk: bool = True, warmup: int = 2) -> None:
+        if not (hasattr(model, "encode") and hasattr(model, "decode")):
+            raise TypeError(f"model must have encode/decode, got {type(model).__name__}")
+        self.model = model
+        self.enabled = enabled is not False
+        self.graph_batches = tuple(int(b) for b in graph_batches)
+        self.max_graphs = int(max_graphs)
+        self.cast_trunk = bool(cast_trunk)
+        self.warmup = int(warmup)
+        self.stats = GraphStats()
+        self._graphs: dict[tuple, _Graph] = {}
+        self._failed: set[tuple] = set()
+        self._pool = None
+        self._lock = threading.Lock()
+        self._fp32_trunk: dict[str, Tensor] | None = None
+        self._apply_trunk_dtype(getattr(model, "precision", "fp32"))
+
+    # ------------------------------------------------------------------ delegation
+    def __getattr__(self, name: str) -> Any:
+        # only called for attributes not found normally: retrieval_features, retrieval_codebook, config, device, ...
+        if name == "model":
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    @property
+    def precision(self) -> str:
+        return self.model.precision
+
+    def set_precision(self, precision: str) -> None:
+        """Switch the model's precision; drops captured graphs and re-casts the trunk weights if needed."""
+        p = check_precision(precision)
+        with self._lock:
+            self._graphs.clear()
+            self._failed.clear()
+            self.model.set_precision(p)
+            self._apply_trunk_dtype(p)
+
+    def _apply_trunk_dtype(self, precision: str) -> None:
+        if not self.cast_trunk or not all(hasattr(self.model, n) for n in TRUNK_MODULES):
+            return
+        dtype = autocast_dtype(precision)
+        if dtype is not None:
+            if self._fp32_trunk is None:
+                self._fp32_trunk = {k: v.detach().to("cpu", copy=True) for k, v in self._trunk_params().items()
+                                    if v.dtype == torch.float32}
+            cast_trunk_(self.model, dtype)
+        elif self._fp32_trunk is not None:
+            for k, p in self._trunk_params().items():
+                if k in self._fp32_trunk:
+                    p.data = self._fp32_trunk[k].to(p.device)
+            self._fp32_trunk = None
+
+    def _trunk_params(self) -> dict[str, Tensor]:
+        out = {}
+        for name in TRUNK_MODULES:
+            for m_name, m in getattr(self.model, name).named_modules():
+                if isinstance(m, (nn.Linear, nn.Conv2d)):
+                    for p_name, p in m.named_parameters(recurse=False):
+                        out[f"{name}.{m_name}.{p_name}"] = p
+        return out
+
+    # ------------------------------------------------------------------ graph machinery
+    def _use_graph(self, key: tuple, tensors: Sequence[Tensor]) -> bool:
+        if not self.enabled or key in self._failed:
+            return False
+        if autocast_dtype(self.model.precision) is not None and self._fp32_trunk is None:
+            return False  # autocast's weight-cast cache must not live inside a capture (torch.cuda.graph docs)
+        if not all(t.is_cuda for t in tensors) or not graphs_available(tensors[0].device):
+            return False
+        return key in self._graphs or len(self._graphs) < self.max_graphs
+
+    def _run(self, key: tuple, fn: Callable[..., Any], inputs: list[Tensor]) -> Any:
+        """Replay (capturing first if needed) the graph of ``fn(*static_inputs)`` for ``key``; eager on failure."""
+        with self._lock:
+            g = self._graphs.get(key)
+            if g is None:
+                try:
+                    g = self._capture(fn, inputs)
+                except Exception as e:  # noqa: BLE001 - any capture error -> eager fallback for this signature
+                    self._failed.add(key)
+                    self.stats.failed.append(str(key))
+                    log.warning("CUDA graph capture failed for %s (%s: %s); running eagerly", key,
+                                type(e).__name__, e)
+                    torch.cuda.synchronize()
+                    self.stats.eager += 1
+                    return fn(*inputs)
+                self._graphs[key] = g
+                self.stats.captured += 1
+            for dst, src in zip(g.inputs, inputs):
+                dst.copy_(src, non_blocking=True)
+            g.graph.replay()
+            g.calls += 1
+            self.stats.replays += 1
+            return _clone_out(g.outputs)
+
+    def _capture(self, fn: Callable[..., Any], inputs: list[Tensor]) -> _Graph:
+        with torch.inference_mode(False):  # normal tensors: copy_ works inside and outside inference mode
+            static = [t.detach().clone() for t in inputs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(max(1, self.warmup)):
+                fn(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # one shared pool: graphs are replayed one at a time (lock) and outputs are cloned right after each replay
+        with torch.cuda.graph(graph, pool=self._pool):
+            outputs = fn(*static)
+        return _Graph(graph, static, outputs)
+
+    # ------------------------------------------------------------------ Predictor API
+    def encode(self, img: Tensor, true_shape: Tensor | Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+        """Same contract as ``Mast3rModel.encode``: ``img [B,3,H,W]`` f32 in [-1,1] -> ``feat [B,P,Ce]`` f32,
+        ``pos [B,P,2]`` int64 (fresh tensors owned by the caller)."""
+        if not isinstance(img, Tensor) or img.ndim != 4:
+            return self.model.encode(img, true_shape)  # the model raises the documented error
+        img = img.to(self.model.device, torch.float32)
+        key = ("encode", tuple(img.shape), self.model.precision)
+        if not self._use_graph(key, [img]):
+            self.stats.eager += 1
+            return self.model.encode(img, true_shape)
+        return self._run(key, lambda x: self.model.encode(x), [img])
+
+    def decode(self, feat1: Tensor, pos1: Tensor, feat2: Tensor, pos2: Tensor, true_shape: Tensor | Sequence[int],
+               *, need_res2: bool = True, need_desc: bool | tuple[bool, bool] = True
+               ) -> tuple[HeadOutput, HeadOutput | None]:
+        """Same contract as ``Mast3rModel.decode`` (``need_res2`` / ``need_desc`` included)."""
+        kw = dict(need_res2=need_res2, need_desc=need_desc)
+        tensors = [feat1, pos1, feat2, pos2]
+        if not all(isinstance(t, Tensor) and t.ndim == 3 for t in tensors) or feat1.shape[0] not in self.graph_batches:
+            self.stats.eager += 1
+            return self.model.decode(feat1, pos1, feat2, pos2, true_shape, **kw)
+        from .model import _shape_hw
+
+        hw = _shape_hw(true_shape)
+        nd = (need_desc, need_desc) if isinstance(need_desc, bool) else tuple(bool(v) for v in need_desc)
+        key = ("decode", tuple(feat1.shape), tuple(feat2.shape), str(feat1.dtype), hw, bool(need_res2), nd,
+               self.model.precision)
+        if not self._use_graph(key, tensors):
+            self.stats.eager += 1
+            return self.model.decode(feat1, pos1, feat2, pos2, true_shape, **kw)
+        return self._run(key, lambda f1, p1, f2, p2: self.model.decode(f1, p1, f2, p2, hw, **kw), tensors)
+
+    def forward(self, img1: Tensor, img2: Tensor, true_shape: Tensor | Sequence[int] | None = None):
+        """Pair inference through the graphed ``encode``/``decode``."""
+        f1, p1 = self.encode(img1)
+        f2, p2 = self.encode(img2)
+        shape = true_shape if true_shape is not None else tuple(img1.shape[-2:])
+        return self.decode(f1, p1, f2, p2, shape)
+
+    __call__ = forward
