@@ -9,6 +9,7 @@ loaded strictly, and every stored array is compared with the fp32 bounds of spec
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,11 @@ import torch
 
 from mast3r_slam_ros.network.keyed import keyed_model
 from mast3r_slam_ros.network.model import Mast3rConfig, Mast3rModel
+from mast3r_slam_ros.network.precision import precision_context
 
 DATA = Path(__file__).resolve().parent / "data"
+#: run the parity checks on another device (e.g. ``MAST3R_TEST_DEVICE=cuda`` on the GPU machine; fp32, TF32 off)
+DEVICE = torch.device(os.environ.get("MAST3R_TEST_DEVICE", "cpu"))
 
 TOL_TOKENS = 1e-5
 TOL_PTS_CONF = 3e-4
@@ -44,7 +48,7 @@ def _check_res(name: str, ours: np.ndarray, ref: np.ndarray, field: str) -> None
 
 def _image(u8: np.ndarray) -> torch.Tensor:
     """uint8 [H,W,3] -> [1,3,H,W] float32, normalised exactly as the fixture: x.float().div(255).sub(0.5).div(0.5)."""
-    return torch.from_numpy(u8).permute(2, 0, 1)[None].float().div(255).sub(0.5).div(0.5)
+    return torch.from_numpy(u8).permute(2, 0, 1)[None].float().div(255).sub(0.5).div(0.5).to(DEVICE)
 
 
 def _keyed_model(folder: Path, config: Mast3rConfig) -> Mast3rModel:
@@ -53,12 +57,16 @@ def _keyed_model(folder: Path, config: Mast3rConfig) -> Mast3rModel:
     model, digest = keyed_model(config, precision="fp32")
     assert digest == meta["weights_sha256"], "keyed weights do not reproduce the fixture's sha256"
     assert not any(p.is_meta for p in model.parameters())
-    return model
+    return model.to(DEVICE)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
 
 
 def _run_case(model: Mast3rModel, ref, case: str, f1, p1, f2, p2, shape, subset=None, token_idx=None,
               all_entries=True) -> None:
-    with torch.no_grad():
+    with torch.no_grad(), precision_context("fp32", DEVICE.type):
         dec1, dec2 = model.decoder_tokens(f1, p1, f2, p2)
         hw = tuple(int(v) for v in shape[0])
         heads = (model.downstream_head1(dec1, hw), model.downstream_head2(dec2, hw))
@@ -66,7 +74,7 @@ def _run_case(model: Mast3rModel, ref, case: str, f1, p1, f2, p2, shape, subset=
         entries = range(len(dec)) if all_entries else [len(dec) - 1]
         for i in entries:
             key = f"{case}_dec{branch}_{i:02d}"
-            ours = dec[i][0].numpy() if token_idx is None else dec[i][0, token_idx].numpy()
+            ours = _np(dec[i][0]) if token_idx is None else _np(dec[i][0, token_idx])
             err = _rel(ours, ref[key][0])
             assert err <= TOL_TOKENS, f"{key}: relative error {err:.3g} > {TOL_TOKENS}"
     if all_entries:  # tiny: the public decode() must give the same as the stage-wise calls
@@ -76,7 +84,7 @@ def _run_case(model: Mast3rModel, ref, case: str, f1, p1, f2, p2, shape, subset=
                 assert torch.equal(getattr(a, field), getattr(b, field)), field
     for branch, res in (("1", heads[0]), ("2", heads[1])):
         for field in ("pts3d", "conf", "desc", "desc_conf"):
-            ours = getattr(res, field)[0].numpy()
+            ours = _np(getattr(res, field)[0])
             if subset is None:
                 key = f"{case}_res{branch}_{field}"
                 _check_res(key, ours, ref[key][0], field)
@@ -87,7 +95,7 @@ def _run_case(model: Mast3rModel, ref, case: str, f1, p1, f2, p2, shape, subset=
         # invariants (spec §8.3)
         assert torch.all(res.conf >= 1)
         assert torch.all(res.desc_conf > 0)
-        assert torch.allclose(res.desc.norm(dim=-1), torch.ones(()), atol=1e-5)
+        assert torch.allclose(res.desc.norm(dim=-1), torch.ones((), device=res.desc.device), atol=1e-5)
 
 
 def test_tiny_fixture_parity():
@@ -97,17 +105,17 @@ def test_tiny_fixture_parity():
     model = _keyed_model(folder, Mast3rConfig.tiny())
     img1, img2 = _image(ref["img1_u8"]), _image(ref["img2_u8"])
     # the float inputs follow bit-exactly from the uint8 images
-    assert np.array_equal(img1.numpy(), ref["img1"]) and np.array_equal(img2.numpy(), ref["img2"])
+    assert np.array_equal(_np(img1), ref["img1"]) and np.array_equal(_np(img2), ref["img2"])
     shape = torch.from_numpy(ref["true_shape"])
-    with torch.no_grad():
+    with torch.no_grad(), precision_context("fp32", DEVICE.type):
         f1, p1, block0 = model.encode_tokens(img1, return_block0=True)
-    assert np.array_equal(p1.numpy(), ref["pos"])
-    assert _rel(block0.numpy(), ref["enc_block0_img1"]) <= TOL_TOKENS
+    assert np.array_equal(_np(p1), ref["pos"])
+    assert _rel(_np(block0), ref["enc_block0_img1"]) <= TOL_TOKENS
     f1e, p1e = model.encode(img1, shape)
     f2, p2 = model.encode(img2, shape)
     assert torch.equal(f1e, f1) and p1e.dtype == torch.int64
     for name, f in (("feat1", f1), ("feat2", f2)):
-        err = _rel(f.numpy(), ref[name])
+        err = _rel(_np(f), ref[name])
         assert err <= TOL_TOKENS, f"{name}: relative error {err:.3g}"
     _run_case(model, ref, "mono", f1, p1, f1, p1, shape)
     _run_case(model, ref, "asym", f1, p1, f2, p2, shape)
@@ -121,15 +129,15 @@ def test_full_fixture_parity():
     model = _keyed_model(folder, Mast3rConfig.full())
     img1, img2 = _image(ref["img1_u8"]), _image(ref["img2_u8"])
     shape = torch.from_numpy(ref["true_shape"])
-    tok = torch.from_numpy(ref["token_subset_idx"])
+    tok = torch.from_numpy(ref["token_subset_idx"]).to(DEVICE)
     subset = ref["pixel_subset_flat_idx"]
-    with torch.no_grad():
+    with torch.no_grad(), precision_context("fp32", DEVICE.type):
         f1, p1, block0 = model.encode_tokens(img1, return_block0=True)
         f2, p2 = model.encode_tokens(img2)
-    assert np.array_equal(p1.numpy(), ref["pos"])
-    assert _rel(block0[0, tok].numpy(), ref["enc_block0_img1"][0]) <= TOL_TOKENS
+    assert np.array_equal(_np(p1), ref["pos"])
+    assert _rel(_np(block0[0, tok]), ref["enc_block0_img1"][0]) <= TOL_TOKENS
     for name, f in (("feat1", f1), ("feat2", f2)):
-        err = _rel(f[0, tok].numpy(), ref[name][0])
+        err = _rel(_np(f[0, tok]), ref[name][0])
         assert err <= TOL_TOKENS, f"{name}: relative error {err:.3g}"
     _run_case(model, ref, "mono", f1, p1, f1, p1, shape, subset=subset, token_idx=tok, all_entries=False)
     _run_case(model, ref, "asym", f1, p1, f2, p2, shape, subset=subset, token_idx=tok, all_entries=False)
