@@ -250,3 +250,21 @@ def test_multi_threaded_executor_with_concurrent_backend(seq, bag, config_file, 
         assert [conv.stamp_to_ns(m.header.stamp) for m in rx.odometry] == [int(s) for s in seq.stamps_ns]
     finally:
         _close(ex, node, col, tester)
+
+
+def test_calibrated_mode_with_camera_info_from_the_bag(seq, bag, config_file, tmp_path):
+    """use_calib: the real SlamSystem is built from the bag's CameraInfo K and tracks in calibrated mode."""
+    node, col, tester, pubs, ex, holder = _make(seq, config_file, tmp_path, use_calib=True)
+    try:
+        assert node.system is None
+        _publish_bag(pubs, bag, count=3)
+        c = node.counters   # an image may arrive before the first camera_info: skipped as waiting_for_calib
+        assert rt.spin_until(ex, lambda: c["processed"] + c["waiting_for_calib"] == 3
+                             and len(col.rx.odometry) == c["processed"] >= 2, 120.0), f"counters {c}"
+        system = holder["sys"]
+        np.testing.assert_allclose(np.asarray(system.K_input), seq.K)   # K of the (undistorted) input images
+        assert system.use_calib and c["errors"] == 0
+        assert [conv.stamp_to_ns(m.header.stamp) for m in col.rx.odometry] == \
+            [int(s) for s in seq.stamps_ns[3 - c["processed"]:3]]
+    finally:
+        _close(ex, node, col, tester)
