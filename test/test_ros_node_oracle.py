@@ -55,10 +55,12 @@ def config_file(tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def ros():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rclpy.init()
     yield
     rclpy.try_shutdown()
+    torch.set_num_threads(threads)
 
 
 class Recording:
