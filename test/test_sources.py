@@ -1,5 +1,6 @@
 """Image sources: folder, video, TUM, EuRoC, rosbag2 (sqlite3 + MCAP, raw + compressed) built in the test; errors
-for missing paths, empty folders, corrupt images / bags, unknown topics; undistortion (spec upstream_algorithm.md §11)."""
+for missing paths, empty folders, corrupt images / bags, unknown topics; undistortion (spec upstream_algorithm.md
+§11)."""
 
 from __future__ import annotations
 

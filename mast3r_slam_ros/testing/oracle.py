@@ -7,7 +7,8 @@ the whole system without network weights. What it returns mirrors the MASt3R hea
 - ``encode(img, true_shape)``: identifies which sequence frame the network image is (exact match of the image
   re-quantized to uint8, else the nearest registered frame within a tolerance) and returns encoder-like tokens
   ``feat [B,P,C]`` that are a pure function of the image content (a fixed random projection of each 16x16 patch, so
-  retrieval on the tokens can find revisits; the token norm grows with the patch contrast) and ``pos [B,P,2]`` = (row, col) of the token grid.
+  retrieval on the tokens can find revisits; the token norm grows with the patch contrast) and ``pos [B,P,2]`` =
+  (row, col) of the token grid.
 - ``decode(feat1, pos1, feat2, pos2, true_shape) -> (res1, res2)``: ``res1`` = frame-1 points in camera 1 (``X_11``),
   ``res2`` = frame-2 points in camera 1 (``X_21``), both with one per-pair scale; ``conf`` C >= 1 (high on textured,
   frontal surfaces, low on the plain wall, at grazing angles and depth edges, lower for frame-2 pixels that camera 1

@@ -13,15 +13,17 @@ Conventions:
   the ray of pixel (u, v) is ``R_WC @ K^-1 [u, v, 1]``.
 - ``depth`` is the z-depth (distance along the optical axis), exact in float64 (the room is closed: every ray hits).
 
-Image size and the network size (spec ``upstream_algorithm.md`` §2, ``geometry.preprocess_image``): the preprocessing is
-the identity (no resize, no crop) for 512x384 at ``size=512`` (any 512xH with H a multiple of 16, H < 512) and for
-224x224 at ``size=224``; rendering at those sizes keeps ``K`` valid for the network image unchanged. The default size
-here is 224x224 (fast tests). Any other size works too: ``OraclePredictor`` then re-renders the ground truth at the
-preprocessed size with the adjusted intrinsics.
+Image size and the network size (spec ``upstream_algorithm.md`` §2, ``geometry.preprocess_image``): the
+preprocessing is the identity (no resize, no crop) for 512x384 at ``size=512`` (any 512xH with H a multiple of 16,
+H < 512) and for 224x224 at ``size=224``; rendering at those sizes keeps ``K`` valid for the network image unchanged.
+Any size with W, H multiples of 16 also works with ``slam.system.native_preprocess`` (identity, used by SLAM tests on
+small images). The default size here is 224x224 (fast tests). Any other size works too: ``OraclePredictor`` then
+re-renders the ground truth at the preprocessed size with the adjusted intrinsics.
 
 Suite (``SEQUENCES``; spec ``test_data.md`` §2.1, default frame counts at 30 Hz):
 ``slow_translation`` (150), ``rotation_heavy`` (150), ``loop`` (270; the last 30/270 of the sequence revisits the first
-30/270, 5 cm higher), ``textureless`` (150; the middle third sees only the plain wall), plus ``static`` (30, camera at rest).
+30/270, 5 cm higher), ``textureless`` (150; the middle third sees only the plain wall), plus ``static`` (30, camera
+at rest).
 ``n_frames`` resamples the same path (frame k at path parameter k / n_frames), so fewer frames means larger steps.
 """
 
