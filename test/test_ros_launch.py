@@ -16,7 +16,6 @@ import types
 import pytest
 import rclpy
 import yaml
-from rclpy.parameter import Parameter
 
 from mast3r_slam_ros.ros.node import SlamNode
 from mast3r_slam_ros.ros.params import PARAMETERS

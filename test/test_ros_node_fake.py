@@ -353,6 +353,24 @@ def test_invalid_parameters_raise_clear_errors():
     with pytest.raises(ValueError, match="frame_policy"):
         SlamNode(predictor=object(), system_factory=lambda *a: rt.FakeSlamSystem(), config_factory=lambda p: None,
                  parameter_overrides=[Parameter("frame_policy", value="newest")])
+    with pytest.raises(ValueError, match="needs 'base_frame'"):
+        SlamNode(predictor=object(), system_factory=lambda *a: rt.FakeSlamSystem(), config_factory=lambda p: None,
+                 parameter_overrides=[Parameter("odom_frame", value="odom")])
+    try:
+        import tf2_ros  # noqa: F401
+        has_tf2 = True
+    except ImportError:
+        has_tf2 = False
+    if not has_tf2:   # pip-only environments (CI): external odometry needs tf2_ros, said clearly
+        with pytest.raises(ValueError, match="needs tf2_ros"):
+            SlamNode(predictor=object(), system_factory=lambda *a: rt.FakeSlamSystem(),
+                     config_factory=lambda p: None,
+                     parameter_overrides=[Parameter("odom_frame", value="odom"),
+                                          Parameter("base_frame", value="base_link"),
+                                          Parameter("publish_odom_tf", value=False)])
+    with pytest.raises(ValueError, match="camera_mount"):
+        SlamNode(predictor=object(), system_factory=lambda *a: rt.FakeSlamSystem(), config_factory=lambda p: None,
+                 parameter_overrides=[Parameter("camera_mount", value=[0.0, 0.0, 0.0])])
     from mast3r_slam_ros.ros.node import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="checkpoint"):

@@ -15,7 +15,6 @@ import ros_testlib as rt  # noqa: I001  (sets the ROS environment first)
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
