@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mast3r_slam_ros import kernels
+from mast3r_slam_ros.network import inference
 
 #: Scharr kernels divided by 32 (spec §4.1): derivative along u (columns) and v (rows)
 _SCHARR_X = torch.tensor([[-3.0, 0.0, 3.0], [-10.0, 0.0, 10.0], [-3.0, 0.0, 3.0]]) / 32.0
@@ -150,21 +151,15 @@ class AsymmetricMatch:
 
 
 def ensure_encoded(predictor: Any, frame: Any) -> None:
-    """Encode ``frame.img`` once and cache ``frame.feat [1,P,C]`` / ``frame.pos [1,P,2]`` (spec §3.2)."""
-    if frame.feat is None or frame.pos is None:
-        frame.feat, frame.pos = predictor.encode(frame.img, frame.true_shape)
-
-
-def decode_pair(predictor: Any, feat1: Tensor, pos1: Tensor, feat2: Tensor, pos2: Tensor, true_shape: Tensor):
-    """One decoder call; returns ``(res1, res2)`` HeadOutputs (both views in camera 1, ``[B,H,W,...]``)."""
-    return predictor.decode(feat1, pos1, feat2, pos2, true_shape)
+    """Encode ``frame.img`` once and cache ``frame.feat [1,P,C]`` / ``frame.pos [1,P,2]`` (spec §3.2;
+    ``network.inference.ensure_encoded``)."""
+    inference.ensure_encoded(predictor, frame)
 
 
 def mono_inference(predictor: Any, frame: Any) -> tuple[Tensor, Tensor]:
-    """Pointmap of a frame paired with itself (spec §3.4 ``mast3r_inference_mono``): ``X [HW,3]``, ``C [HW,1]``."""
-    ensure_encoded(predictor, frame)
-    res1, _ = decode_pair(predictor, frame.feat, frame.pos, frame.feat, frame.pos, frame.true_shape)
-    return res1.pts3d.reshape(-1, 3).float(), res1.conf.reshape(-1, 1).float()
+    """Pointmap of a frame paired with itself (spec §3.4 ``mast3r_inference_mono``; ``network.inference.mono``):
+    ``X [HW,3]``, ``C [HW,1]`` f32."""
+    return inference.mono(predictor, frame)
 
 
 def match_asymmetric(predictor: Any, frame: Any, keyframe: Any, idx_f2k_init: Tensor | None,
@@ -177,21 +172,17 @@ def match_asymmetric(predictor: Any, frame: Any, keyframe: Any, idx_f2k_init: Te
         idx_f2k_init: ``[1,HW]`` or ``[HW]`` int64 warm start (previous tracking result) or None.
     Returns: :class:`AsymmetricMatch`.
     """
-    ensure_encoded(predictor, frame)
-    ensure_encoded(predictor, keyframe)
-    if tuple(frame.true_shape.reshape(-1).tolist()) != tuple(keyframe.true_shape.reshape(-1).tolist()):
-        raise ValueError("frame and keyframe have different image sizes; all images of one run must share a size")
-    res_ff, res_kf = decode_pair(predictor, frame.feat, frame.pos, keyframe.feat, keyframe.pos, frame.true_shape)
-    X11, X21 = res_ff.pts3d.float(), res_kf.pts3d.float()
-    B, H, W, _ = X11.shape
+    pred = inference.asymmetric(predictor, frame, keyframe)  # [2,H,W,...]: 0 = ff (frame), 1 = kf (keyframe)
+    H, W = pred.X.shape[1:3]
+    X11, X21 = pred.X[0:1].float(), pred.X[1:2].float()
     init = None if idx_f2k_init is None else idx_f2k_init.reshape(1, H * W)
-    idx, valid = match(X11, X21, res_ff.desc, res_kf.desc, init, params)
-    Qff = res_ff.desc_conf.reshape(1, H * W, 1).float()
-    Qkf = res_kf.desc_conf.reshape(1, H * W, 1).float()
+    idx, valid = match(X11, X21, pred.D[0:1], pred.D[1:2], init, params)
+    Qff = pred.Q[0].reshape(1, H * W, 1).float()
+    Qkf = pred.Q[1].reshape(1, H * W, 1).float()
     Qk = match_confidence(Qff, idx, Qkf)
     return AsymmetricMatch(idx_f2k=idx[0], valid_match_k=valid[0], Xff=X11.reshape(-1, 3),
-                           Cff=res_ff.conf.reshape(-1, 1).float(), Qff=Qff[0], Xkf=X21.reshape(-1, 3),
-                           Ckf=res_kf.conf.reshape(-1, 1).float(), Qkf=Qkf[0], Qk=Qk[0])
+                           Cff=pred.C[0].reshape(-1, 1).float(), Qff=Qff[0], Xkf=X21.reshape(-1, 3),
+                           Ckf=pred.C[1].reshape(-1, 1).float(), Qkf=Qkf[0], Qk=Qk[0])
 
 
 @dataclass
@@ -226,25 +217,16 @@ def match_symmetric(predictor: Any, feat_i: Tensor, pos_i: Tensor, feat_j: Tenso
     if feat_i.shape[0] != feat_j.shape[0]:
         raise ValueError(f"feat_i and feat_j batch sizes differ: {feat_i.shape[0]} vs {feat_j.shape[0]}")
     B = feat_i.shape[0]
-    shape1 = true_shape.reshape(-1, 2)[:1]
-    outs = {k: [] for k in ("Xii", "Xji", "Xjj", "Xij", "Dii", "Dji", "Djj", "Dij", "Qii", "Qji", "Qjj", "Qij")}
-    for b in range(B):
-        r_ii, r_ji = decode_pair(predictor, feat_i[b:b + 1], pos_i[b:b + 1], feat_j[b:b + 1], pos_j[b:b + 1], shape1)
-        r_jj, r_ij = decode_pair(predictor, feat_j[b:b + 1], pos_j[b:b + 1], feat_i[b:b + 1], pos_i[b:b + 1], shape1)
-        for name, r in (("ii", r_ii), ("ji", r_ji), ("jj", r_jj), ("ij", r_ij)):
-            outs["X" + name].append(r.pts3d.float())
-            outs["D" + name].append(r.desc)
-            outs["Q" + name].append(r.desc_conf.float())
-    cat = {k: torch.cat(v, dim=0) for k, v in outs.items()}
-    _, H, W, _ = cat["Xii"].shape
-    X11 = torch.cat([cat["Xii"], cat["Xjj"]], dim=0)
-    X21 = torch.cat([cat["Xji"], cat["Xij"]], dim=0)
-    D11 = torch.cat([cat["Dii"], cat["Djj"]], dim=0)
-    D21 = torch.cat([cat["Dji"], cat["Dij"]], dim=0)
+    pred = inference.symmetric_batch(predictor, feat_i, pos_i, feat_j, pos_j, true_shape)  # [ii, ji, jj, ij]
+    X, D, Qs = pred.X.float(), pred.D, pred.Q.float()
+    H, W = X.shape[2:4]
+    X11 = torch.cat([X[0], X[2]], dim=0)  # ii, jj
+    X21 = torch.cat([X[1], X[3]], dim=0)  # ji, ij
+    D11 = torch.cat([D[0], D[2]], dim=0)
+    D21 = torch.cat([D[1], D[3]], dim=0)
     idx, valid = match(X11, X21, D11, D21, None, params)
-    Q = {k: cat[k].reshape(B, H * W, 1) for k in ("Qii", "Qji", "Qjj", "Qij")}
+    Qii, Qji, Qjj, Qij = (Qs[k].reshape(B, H * W, 1) for k in range(4))
     idx_i2j, idx_j2i = idx[:B], idx[B:]
     return SymmetricMatch(idx_i2j=idx_i2j, idx_j2i=idx_j2i, valid_match_j=valid[:B], valid_match_i=valid[B:],
-                          Qii=Q["Qii"], Qjj=Q["Qjj"], Qji=Q["Qji"], Qij=Q["Qij"],
-                          Qj=match_confidence(Q["Qii"], idx_i2j, Q["Qji"]),
-                          Qi=match_confidence(Q["Qjj"], idx_j2i, Q["Qij"]))
+                          Qii=Qii, Qjj=Qjj, Qji=Qji, Qij=Qij,
+                          Qj=match_confidence(Qii, idx_i2j, Qji), Qi=match_confidence(Qjj, idx_j2i, Qij))
