@@ -199,7 +199,7 @@ class SlamNode(Node):
                                         "skipped_paused", "waiting_for_calib", "errors", "keyframes_added")}
         self._in_rate, self._proc_rate = _RateWindow(), _RateWindow()
         self._track_time = deque(maxlen=50)
-        self._path: list[tuple[int, tuple]] = []       # (stamp_ns, (t, q)) of every processed frame, map frame
+        self._path: list[tuple[int, np.ndarray]] = []  # (stamp_ns, [tx,ty,tz,qx,qy,qz,qw]) per frame, map frame
         self._path_msgs: list[PoseStamped] = []        # the same as messages (built once per pose)
         self._path_dirty = False
         self._path_sent_at = -1e18
@@ -461,7 +461,7 @@ class SlamNode(Node):
             self._last_stamp = stamp
             self._last_stamp_ns = stamp_ns
             self._last_result = result
-            self._path.append((stamp_ns, rt_map_cam))
+            self._path.append((stamp_ns, np.concatenate(rt_map_cam)))
             self._path_msgs.append(conv.pose_stamped_msg(rt_map_cam, stamp, self.p.map_frame))
         self._publish_pose(rt_map_cam, stamp, cam_frame)
         if self.p.sync_backend:
@@ -516,10 +516,27 @@ class SlamNode(Node):
         if version == self._path_version:
             return
         traj = self.system.trajectory()
-        poses = _world_poses_to_map(_stack_sim3([T for _, T in traj]), self.T_map_W)
+        new = np.array([np.concatenate(rt) for rt in _world_poses_to_map(_stack_sim3([T for _, T in traj]),
+                                                                            self.T_map_W)]).reshape(-1, 7)
+        stamps = [int(ns) for ns, _ in traj]
         with self._lock:
-            self._path = [(int(ns), rt) for (ns, _), rt in zip(traj, poses)]
-            self._path_msgs = [conv.pose_stamped_msg(rt, conv.ns_to_stamp(ns), self.p.map_frame) for ns, rt in self._path]
+            n_old = len(self._path)
+            if len(stamps) >= n_old and all(stamps[i] == self._path[i][0] for i in range(n_old)):
+                # same frames (plus new ones): touch only the poses that moved (messages are costly to build)
+                old = np.array([row for _, row in self._path]).reshape(-1, 7)
+                moved = np.nonzero(np.any(new[:n_old] != old, axis=1))[0]
+                for i in moved:
+                    pose = self._path_msgs[i].pose
+                    pose.position.x, pose.position.y, pose.position.z = (float(v) for v in new[i, :3])
+                    o = pose.orientation
+                    o.x, o.y, o.z, o.w = (float(v) for v in new[i, 3:])
+                for i in range(n_old, len(stamps)):
+                    self._path_msgs.append(conv.pose_stamped_msg((new[i, :3], new[i, 3:]), conv.ns_to_stamp(stamps[i]),
+                                                                 self.p.map_frame))
+            else:
+                self._path_msgs = [conv.pose_stamped_msg((new[i, :3], new[i, 3:]), conv.ns_to_stamp(ns),
+                                                         self.p.map_frame) for i, ns in enumerate(stamps)]
+            self._path = [(ns, new[i]) for i, ns in enumerate(stamps)]
             self._path_version = version
 
     def _publish_path(self, stamp: Time, force: bool = False) -> None:
@@ -532,7 +549,7 @@ class SlamNode(Node):
             msg = PathMsg(header=Header(stamp=stamp, frame_id=self.p.map_frame), poses=list(self._path_msgs))
             self._path_dirty = False
             self._path_sent_at = now
-        self.pub_path.publish(msg)
+            self.pub_path.publish(msg)   # serialized under the lock: the backend updates the pose messages in place
 
     # ------------------------------------------------------------------------------------------------ backend
     def _on_backend_timer(self) -> None:
