@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remap", action="append", default=[], metavar="FROM:=TO",
                         help="publish bag topic FROM on TO (repeatable), e.g. /camera/image_raw:=/image")
     parser.add_argument("--qos", choices=("reliable", "sensor_data"), default="reliable",
-                        help="publisher reliability (default reliable: matches best-effort and reliable subscribers)")
+                        help="publisher reliability (default reliable: matches best-effort and reliable subscribers; "
+                             "large best-effort images can be lost between processes)")
     parser.add_argument("--wait-for-subscribers", type=float, default=10.0, metavar="SEC",
                         help="wait up to SEC seconds until every image topic has a subscriber (0: do not wait)")
     parser.add_argument("--record", type=Path, default=None, metavar="OUT_BAG",
@@ -220,4 +221,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - rclpy's ExternalShutdownException after SIGINT (its signal handler)
+        if type(exc).__name__ == "ExternalShutdownException":
+            return 130
+        raise
     return 0
