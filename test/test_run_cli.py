@@ -13,9 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mast3r_slam_ros import cli
 from mast3r_slam_ros.io.export import read_tum
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Small tensors: one intra-op thread is faster than oversubscribing the shared CPU cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 Accuracy is measured against the renderer's ground truth with evo (ATE RMSE after Sim(3) Umeyama alignment, the
 upstream evaluation protocol ``evo_ape tum -as``) and relative pose errors between consecutive frames. Sequences are
-small (96×64 network images, ≤ 16 frames, identity preprocessing) so the file stays within the CPU test budget; the
+small (128×96 network images, ≤ 24 frames, identity preprocessing) so the file stays within the CPU test budget; the
 descriptor refinement runs with a 3×3 window at dilations 2, 1 (``matching.radius=1, dilation_max=2``) for the same
 reason (the oracle's descriptors are smooth, so the wider upstream window finds the same peaks).
 """
@@ -23,8 +23,8 @@ from mast3r_slam_ros.slam.system import SlamSystem, StampOrderError, native_prep
 from mast3r_slam_ros.testing.oracle import OracleNoise, OraclePredictor
 from mast3r_slam_ros.testing.scenes import look_at, render_poses, render_sequence, sequence_poses
 
-SIZE = (96, 64)
-RELOC_SIZE = (128, 96)  # more tokens for the retrieval of the relocalization
+SIZE = (128, 96)
+RELOC_SIZE = SIZE
 
 
 def make_cfg(**over):
@@ -33,6 +33,15 @@ def make_cfg(**over):
             "matching.radius": 1, "matching.dilation_max": 2}
     base.update(over)
     return load_config(None, base)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Small tensors: one intra-op thread is faster than oversubscribing the shared CPU cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def run_sequence(seq, noise: OracleNoise, cfg=None, K=None):
@@ -79,7 +88,7 @@ def _torch_kernels():
 
 @pytest.fixture(scope="module")
 def translation_seq():
-    return render_sequence("slow_translation", n_frames=16, size=SIZE)
+    return render_sequence("slow_translation", n_frames=24, size=SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +118,10 @@ def test_noise_free_tracking_accuracy_and_keyframes(noise_free_run, translation_
 
 
 def test_realistic_noise_tracking_accuracy():
-    """Frontend alone (tracking + fusion + keyframe selection; the backend queue is never run): realistic oracle noise
-    (1 % depth noise, 3 % smooth bias, 10 % per-pair scale, 0.5° / 5 % pair-pose error, descriptor noise)."""
-    seq = render_sequence("slow_translation", n_frames=16, size=SIZE, seed=1)
-    system, results = run_sequence(seq, OracleNoise.realistic(seed=3), make_cfg(**{"runtime.sync_backend": False}))
+    """Whole system (backend after every keyframe) with realistic oracle noise: 1 % depth noise, 3 % smooth bias,
+    10 % per-pair scale, 0.5° / 5 % pair-pose error, descriptor noise."""
+    seq = render_sequence("slow_translation", n_frames=24, size=SIZE, seed=1)
+    system, results = run_sequence(seq, OracleNoise.realistic(seed=3))
     assert all(r.state == Mode.TRACKING for r in results)
     err = evo_errors(system, seq)
     print(f"\nslow_translation realistic noise: ATE {err['ate_rmse']:.5f} m over {err['length']:.3f} m "
@@ -122,7 +131,7 @@ def test_realistic_noise_tracking_accuracy():
 
 
 def test_calibrated_mode_tracks_noise_free():
-    seq = render_sequence("slow_translation", n_frames=8, size=SIZE, seed=2)
+    seq = render_sequence("slow_translation", n_frames=12, size=SIZE, seed=2)
     system, results = run_sequence(seq, OracleNoise.none(), make_cfg(use_calib=True), K=seq.K)
     assert all(r.state == Mode.TRACKING for r in results)
     torch.testing.assert_close(system.K.double().cpu(), torch.as_tensor(seq.K))  # identity preprocessing keeps K
@@ -132,11 +141,11 @@ def test_calibrated_mode_tracks_noise_free():
 
 
 def test_static_camera_creates_no_new_keyframe():
-    seq = render_sequence("static", n_frames=5, size=SIZE)
+    seq = render_sequence("static", n_frames=8, size=SIZE)
     system, results = run_sequence(seq, OracleNoise.realistic(seed=5))
     assert len(system.keyframes()) == 1
     assert not any(r.is_keyframe for r in results[1:])
-    assert all(r.match_frac > 0.5 for r in results[1:])
+    assert all(r.match_frac > 0.333 for r in results[1:])  # the keyframe rule never fires
     # all poses stay at the first one (the scene scale is ~ metres: 1 cm is far below any motion)
     c = np.stack([T.translation()[0].numpy() for _, T in system.trajectory()])
     d0 = np.median(np.linalg.norm(system.keyframes()[0].X_canon.numpy(), axis=-1))
@@ -201,7 +210,7 @@ def test_bad_input_leaves_state_unchanged(translation_seq):
     with pytest.raises(ValueError, match="empty"):
         system.track(np.zeros((0, 0, 3), np.uint8), int(seq.stamps_ns[1]))
     with pytest.raises(ValueError, match="channels"):
-        system.track(np.zeros((64, 96, 4), np.uint8), int(seq.stamps_ns[1]))
+        system.track(np.zeros((96, 128, 4), np.uint8), int(seq.stamps_ns[1]))
     with pytest.raises(StampOrderError, match="not after"):
         system.track(seq.images[1], int(seq.stamps_ns[0]))
     with pytest.raises(TypeError):
