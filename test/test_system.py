@@ -292,3 +292,19 @@ def test_reloc_attempt_runs_in_backend_step_without_sync():
         if system.state == Mode.TRACKING:
             break
     assert system.state == Mode.TRACKING and len(system.keyframes()) == n_kf + 1
+
+
+def test_keyframe_cap_is_a_clear_error_and_tracking_goes_on(translation_seq):
+    system = SlamSystem(OraclePredictor(translation_seq, noise=OracleNoise.none()),
+                        make_cfg(**{"runtime.max_keyframes": 2}), preprocess=native_preprocess)
+    from mast3r_slam_ros.slam.keyframes import KeyframeCapacityError
+
+    raised = 0
+    for i in range(len(translation_seq)):
+        try:
+            system.track(translation_seq.images[i], int(translation_seq.stamps_ns[i]))
+        except KeyframeCapacityError as e:
+            assert "max_keyframes=2" in str(e)
+            raised += 1
+    assert raised >= 1 and len(system.keyframes()) == 2
+    assert len(system.trajectory()) == len(translation_seq)  # every frame still has a pose

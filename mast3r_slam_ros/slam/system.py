@@ -27,7 +27,7 @@ from mast3r_slam_ros import geometry, kernels
 from mast3r_slam_ros.lie import Sim3
 from mast3r_slam_ros.slam.backend import Backend
 from mast3r_slam_ros.slam.frame import Frame, Mode
-from mast3r_slam_ros.slam.keyframes import KeyframeStore
+from mast3r_slam_ros.slam.keyframes import KeyframeCapacityError, KeyframeStore
 from mast3r_slam_ros.slam.matching import mono_inference
 from mast3r_slam_ros.slam.tracker import FrameTracker, TrackOutcome
 
@@ -282,7 +282,8 @@ class SlamSystem:
         Raises:
             ValueError: empty/NaN/wrongly shaped image (system unchanged); StampOrderError (a ValueError) for a stamp
             that is not strictly increasing (system unchanged); TypeError for a wrong type;
-            ``KeyframeCapacityError`` when a new keyframe would exceed ``runtime.max_keyframes``.
+            ``KeyframeCapacityError`` when a new keyframe would exceed ``runtime.max_keyframes`` (the frame's tracked pose
+            is still recorded, relative to the last keyframe, and the system keeps tracking against that keyframe).
         """
         if self._state == Mode.TERMINATED:
             raise RuntimeError("SlamSystem is terminated; call reset()")
@@ -318,6 +319,13 @@ class SlamSystem:
                     return TrackResult(stamp_ns, Sim3(frame.T_WC.data.clone()), False, self._state, out.match_frac,
                                        frame.frame_id, out.message)
                 ref = len(self.store) - 1
+                if out.new_kf and len(self.store) >= self.store.max_keyframes:
+                    # keep the tracked pose (relative to the last keyframe), then report the full store
+                    self._commit(frame, stamp_ns, ref, out.T_CkCf.data.clone(), False)
+                    raise KeyframeCapacityError(
+                        f"frame {frame.frame_id} needs a new keyframe but the store holds runtime.max_keyframes="
+                        f"{self.store.max_keyframes} keyframes; its pose was kept relative to the last keyframe "
+                        "(raise runtime.max_keyframes, or reset())")
                 if out.new_kf:
                     idx = self._add_keyframe(frame)
                     self._commit(frame, stamp_ns, idx, None, True)
