@@ -238,8 +238,6 @@ def test_multi_threaded_executor_with_concurrent_backend(seq, bag, config_file, 
         rx = col.rx
         assert rt.spin_until(ex, lambda: node.counters["processed"] == N_FRAMES, 120.0), f"counters {node.counters}"
         system = holder["sys"]
-        assert rt.spin_until(ex, lambda: not system.backend.has_work() if system.backend is not None else True, 60.0)
-        traj = system.trajectory()
 
         def path_matches():
             if not rx.path or len(rx.path[-1].poses) != N_FRAMES:
@@ -247,8 +245,8 @@ def test_multi_threaded_executor_with_concurrent_backend(seq, bag, config_file, 
             got = np.array([[p.pose.position.x, p.pose.position.y, p.pose.position.z] for p in rx.path[-1].poses])
             ref = np.stack([R_MAP_OPT @ T.data.reshape(8).double().numpy()[:3] for _, T in system.trajectory()])
             return np.allclose(got, ref, atol=1e-6)
-        assert rt.spin_until(ex, path_matches, 30.0)
-        assert node.counters["errors"] == 0 and len(traj) == N_FRAMES
+        assert rt.spin_until(ex, path_matches, 60.0)   # once the backend is done, the path equals the trajectory
+        assert node.counters["errors"] == 0 and len(system.trajectory()) == N_FRAMES
         assert [conv.stamp_to_ns(m.header.stamp) for m in rx.odometry] == [int(s) for s in seq.stamps_ns]
     finally:
         _close(ex, node, col, tester)
