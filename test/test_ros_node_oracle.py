@@ -86,6 +86,7 @@ def _make(seq, config_file, tmp_path, executor="single_threaded", **params):
     holder = {}
 
     def factory(pred, cfg, K):
+        holder["K"], holder["cfg"] = K, cfg
         holder["sys"] = Recording(SlamSystem(pred, cfg, K))
         return holder["sys"]
 
@@ -262,8 +263,8 @@ def test_calibrated_mode_with_camera_info_from_the_bag(seq, bag, config_file, tm
         assert rt.spin_until(ex, lambda: c["processed"] + c["waiting_for_calib"] == 3
                              and len(col.rx.odometry) == c["processed"] >= 2, 120.0), f"counters {c}"
         system = holder["sys"]
-        np.testing.assert_allclose(np.asarray(system.K_input), seq.K)   # K of the (undistorted) input images
-        assert system.use_calib and c["errors"] == 0
+        np.testing.assert_allclose(holder["K"], seq.K)   # K of the (undistorted) input images
+        assert holder["cfg"].use_calib and c["errors"] == 0 and system is not None
         assert [conv.stamp_to_ns(m.header.stamp) for m in col.rx.odometry] == \
             [int(s) for s in seq.stamps_ns[3 - c["processed"]:3]]
     finally:
