@@ -71,7 +71,7 @@ def test_run_on_visp_cube_writes_all_outputs(cube_folder, checkpoint, small_conf
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["frames"] == 4 and summary["kernel_backend"] == "torch" and summary["device"] == "cpu"
-    assert summary["keyframes"] >= 1
+    assert summary["keyframes"] >= 1 and summary["final_state"] in ("TRACKING", "RELOC")
     t_all, p_all = read_tum(out / "trajectory.txt")
     t_kf, p_kf = read_tum(out / "keyframes.txt")
     assert len(t_all) == 4 and len(t_kf) == summary["keyframes"]

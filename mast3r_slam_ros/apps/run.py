@@ -278,6 +278,7 @@ def run(args: argparse.Namespace) -> dict:
     elapsed = time.perf_counter() - t0
     if counts["frames"] == 0:
         raise RunError(f"no frame of {args.source} could be processed")
+    last_mode = system.state.name
     system.terminate()
 
     traj = system.trajectory()
@@ -297,7 +298,7 @@ def run(args: argparse.Namespace) -> dict:
         "keyframes": len(store),
         "elapsed_s": elapsed,
         "fps": counts["frames"] / elapsed if elapsed > 0 else None,
-        "final_state": system.state.name,
+        "final_state": last_mode,
         "loop_closures": int(getattr(backend, "loop_closures", 0)) if backend is not None else 0,
         "map_points": int(ply.n_written),
         "use_calib": use_calib,
