@@ -375,11 +375,10 @@ class SlamSystem:
             if not self._traj:
                 return []
             poses = self.store.stack_poses()
-            out = []
-            for e in self._traj:
-                T = Sim3(poses.data[e.ref_kf:e.ref_kf + 1]) * Sim3(e.T_KC.to(poses.data))
-                out.append((e.stamp_ns, T))
-            return out
+            ref = torch.tensor([e.ref_kf for e in self._traj], dtype=torch.long, device=poses.data.device)
+            T_KC = torch.cat([e.T_KC.reshape(1, 8) for e in self._traj]).to(poses.data)
+            T_WC = (Sim3(poses.data[ref]) * Sim3(T_KC)).data  # one batched composition [N,8]
+            return [(e.stamp_ns, Sim3(T_WC[k:k + 1])) for k, e in enumerate(self._traj)]
 
     def keyframe_trajectory(self) -> list[tuple[int, Sim3]]:
         """``[(stamp_ns, T_WC Sim3 [1])]`` of every keyframe, in keyframe order."""
