@@ -163,6 +163,7 @@ class SlamSystem:
         self.filtering_mode = str(_cfg_get(cfg, "tracking", "filtering_mode", "weighted_pointmap"))
         self.filtering_score = str(_cfg_get(cfg, "tracking", "filtering_score", "median"))
         self.store = KeyframeStore(self.max_keyframes)
+        self._version_extra = 0
         self._init_state()
 
     # ------------------------------------------------------------------------------------------------------ state
@@ -178,7 +179,6 @@ class SlamSystem:
         self.K: Tensor | None = None  # network-image intrinsics (f32, device)
         self.tracker: FrameTracker | None = None
         self.backend: Backend | None = None
-        self._version_extra = 0
         self.last_outcome: TrackOutcome | None = None
 
     @property
@@ -243,25 +243,28 @@ class SlamSystem:
         frame.update_pointmap(X, C, self.filtering_mode, self.filtering_score)
 
     def _reloc_attempt(self) -> bool:
-        """One relocalization attempt for the pending RELOC frame (spec §8). True if relocalized."""
-        frame = self._reloc_frame
+        """One relocalization attempt for the pending RELOC frame (spec §8). True if relocalized.
+
+        The hand-over of the pending frame and the state change happen under ``store.lock`` so a multi-threaded ROS
+        executor may call this (through ``backend_step``) concurrently with ``track``."""
+        with self.store.lock:
+            frame, traj_idx = self._reloc_frame, self._reloc_traj_idx
+            self._reloc_frame, self._reloc_traj_idx = None, None
         if frame is None:
             return False
-        n_before = len(self.store)
         ok = bool(self.backend.relocalize(frame))
-        self._reloc_frame = None
         if ok:
-            self._state = Mode.TRACKING
-            self.tracker.reset_idx_f2k()
-            if (len(self.store) > n_before and self.store.last().frame_id == frame.frame_id
-                    and self._reloc_traj_idx is not None):
-                e = self._traj[self._reloc_traj_idx]
-                e.ref_kf = len(self.store) - 1
-                e.T_KC = Sim3.identity(1, dtype=torch.float32, device=self.device).data.clone()
-                e.is_keyframe = True
-            self._last_frame = frame
+            with self.store.lock:
+                self._state = Mode.TRACKING
+                self.tracker.reset_idx_f2k()
+                if len(self.store) and self.store.last().frame_id == frame.frame_id and traj_idx is not None:
+                    e = self._traj[traj_idx]
+                    e.ref_kf = len(self.store) - 1
+                    e.T_KC = Sim3.identity(1, dtype=torch.float32, device=self.device).data.clone()
+                    e.is_keyframe = True
+                    if traj_idx == len(self._traj) - 1:
+                        self._last_frame = frame  # next frame starts from the relocalized pose
             log.info("relocalized frame %d", frame.frame_id)
-        self._reloc_traj_idx = None
         return ok
 
     def _prev_ref(self) -> tuple[int, Tensor]:
@@ -337,9 +340,10 @@ class SlamSystem:
             # RELOC: mono prediction, keep the previous pose, one relocalization attempt (now if sync_backend)
             self._mono(frame)
             ref, T_KC = self._prev_ref()
-            self._commit(frame, stamp_ns, ref, T_KC, False)
-            self._reloc_frame = frame
-            self._reloc_traj_idx = len(self._traj) - 1
+            with self.store.lock:
+                self._commit(frame, stamp_ns, ref, T_KC, False)
+                self._reloc_frame = frame
+                self._reloc_traj_idx = len(self._traj) - 1
             is_kf = False
             if self.sync_backend:
                 is_kf = self._reloc_attempt()
