@@ -203,3 +203,19 @@ def test_bad_input():
         db.query(torch.randn(1, 5, 7))
     with pytest.raises(TypeError):
         R.select_by_norm(np.zeros((1, 5, 8)))
+
+
+def test_self_trained_codebook_on_one_image_keeps_residuals_informative():
+    """Regression: a codebook trained on the indexed image itself must not zero its ASMK residuals.
+
+    Reference: with one assignment per descriptor an image queried against itself scores exactly 1; a noisy copy of it
+    scores far above an unrelated image."""
+    g = torch.Generator().manual_seed(8)
+    img = torch.tanh(torch.randn(1, 150, 64, generator=g) * 2)
+    db = R.RetrievalDatabase(nfeat=150, min_thresh=-1.0)
+    db.add(img, 0)
+    assert db.ready and db.effective_query_assign() == 1
+    assert db.query(img).scores[0] == pytest.approx(1.0, abs=1e-9)
+    noisy = db.query(img + 0.1 * torch.randn(img.shape, generator=g)).scores[0]
+    other = db.query(torch.tanh(torch.randn(1, 150, 64, generator=g) * 2)).scores[0]
+    assert noisy > 0.2 and other < 0.5 * noisy

@@ -145,6 +145,21 @@ class FactorGraph:
         """All edges ``(i, j)`` as Python ints, in insertion order."""
         return list(zip(self.ii.tolist(), self.jj.tolist()))
 
+    def subgraph(self, keep) -> "FactorGraph":
+        """A new graph over the same store with only the edges ``(i, j)`` for which ``keep(i, j)`` is True.
+
+        The match tensors are shared (not copied). Used for ablations (e.g. the graph without its loop edges).
+        """
+        g = FactorGraph(self.store, self.predictor, self.cfg, self.K)
+        for k in range(len(self._ii)):
+            mask = torch.tensor([bool(keep(int(i), int(j))) for i, j in zip(self._ii[k].tolist(), self._jj[k].tolist())],
+                                dtype=torch.bool, device=self._ii[k].device)
+            if not bool(mask.any()):
+                continue
+            for name in ("_ii", "_jj", "_idx_ii2jj", "_idx_jj2ii", "_valid_j", "_valid_i", "_Q_ii2jj", "_Q_jj2ii"):
+                getattr(g, name).append(getattr(self, name)[k][mask])
+        return g
+
     # ------------------------------------------------------------------------------------------------ edges
     def match(self, frames_i: Sequence[Any], frames_j: Sequence[Any]):
         """Symmetric decode + matching of pairs ``(frames_i[b], frames_j[b])`` (spec §6.2 steps 1–3).

@@ -29,7 +29,8 @@ Scoring (spec §7.3), for query image q and database image m::
 
 where ``b_·,w = [sum_{x assigned to w} (x - c_w)] > 0`` packed MSB-first in uint32 words and ``D_pad = 32*ceil(D/32)``
 (the same normalization as ``asmk.hamming``). Queries use ``query_assign = 5`` nearest words per descriptor, database
-images ``db_assign = 1``.
+images ``db_assign = 1``; with a codebook trained here queries use 1 word per descriptor
+(see :meth:`RetrievalDatabase.effective_query_assign`).
 
 Features
 --------
@@ -42,16 +43,20 @@ tokens with the largest L2 norm, unwhitened — the same selection rule with an 
 Codebook
 --------
 With a codebook file (asmk pickle ``{'type': 'Codebook', 'params': {'size': K}, 'state': {'centroids': [K,D]}}``,
-or a ``.npy`` / ``.pt`` array ``[K,D]``) the centroids are fixed. **Without one, the codebook is trained on the run's
-own features** with k-means (k-means++ seeding, Lloyd iterations, fixed seed): the database keeps the selected
-descriptors of each added image (CPU, float16) and (re)trains when the number of images reaches
+or a ``.npy`` / ``.pt`` array ``[K,D]``) the centroids are fixed. **Without one, the codebook is built from the run's
+own features** by k-means++ seeding (fixed seed), *without* Lloyd iterations: Lloyd moves every centroid to the mean of
+its training descriptors, so for the images the codebook was trained on the ASMK residual sums ``sum (x - c_w)`` become
+~0 and their sign bits pure noise (measured: an image queried against itself scored 1e-4 instead of 1); sampled
+descriptors as centroids keep the residuals informative. The database keeps the selected
+descriptors of each added image (CPU, float32) and (re)trains when the number of images reaches
 ``codebook_train_images`` and every doubling of it up to ``codebook_freeze_images``; after each (re)training all
 stored images are re-aggregated with the new codebook, so scores stay consistent. After the last training the raw
 descriptors are dropped (memory bounded by ``codebook_freeze_images`` images). Until the first training the database
 answers every query with no candidates; with the default ``codebook_train_images = 1`` a codebook exists from the
 first keyframe on (retrained at 2, 4, 8, 16 and 32 keyframes, then frozen). The number of words is
-``min(n_clusters, max(2, n_descriptors // 16))`` (``n_clusters`` = 256 by default: k-means over up to
-32 images × 300 descriptors stays at a few seconds on a CPU).
+``min(n_clusters, max(2, n_descriptors // 4))`` (``n_clusters`` = 1024 by default): few descriptors per word, because
+with many, every image's residual sum tends to ``n·(mean − c_w)`` and stops depending on the image. Queries then use
+one word per descriptor (:meth:`RetrievalDatabase.effective_query_assign`).
 
 Database ids are the keyframe indices passed to :meth:`add` (explicit, so relocalization can never make them diverge
 from the keyframe store, fixing spec §8 "latent bug" / §13.5 item 5).
@@ -253,7 +258,7 @@ class _ImageEntry:
     kf_id: int
     bits: Tensor  # [U, B] uint8
     words: Tensor  # [U] int64
-    raw: Tensor | None = None  # [n, D] float16 CPU, kept until the codebook is frozen
+    raw: Tensor | None = None  # [n, D] float32 CPU, kept until the codebook is frozen
 
 
 @dataclass
@@ -285,7 +290,7 @@ class RetrievalDatabase:
     """
 
     def __init__(self, feature_fn: Callable[[Tensor], Tensor] | None = None, codebook: Tensor | str | Path | None = None,
-                 *, k: int = 3, min_thresh: float = 5e-3, nfeat: int = 300, n_clusters: int = 256,
+                 *, k: int = 3, min_thresh: float = 5e-3, nfeat: int = 300, n_clusters: int = 1024,
                  query_assign: int = 5, db_assign: int = 1, alpha: float = 3.0, sim_thresh: float = 0.0,
                  codebook_train_images: int = 1, codebook_freeze_images: int = 32,
                  device: str | torch.device = "cpu", seed: int = 0):
@@ -348,6 +353,15 @@ class RetrievalDatabase:
         """True once a codebook exists (given, or trained on enough images)."""
         return self.centroids is not None
 
+    def effective_query_assign(self) -> int:
+        """Multiple assignment used for queries: ``query_assign`` (5) with a given codebook (spec §7.3); 1 with a
+        codebook trained on the run's features (at most ``n_clusters`` words, far fewer than the 64k of the release). With a few dozen words the 5 nearest cover a large
+        part of the vocabulary, each query word then aggregates most descriptors, and its binary signature no longer
+        resembles any database signature (even an identical image scores ~1e-4 instead of 1 with 12 words)."""
+        if self.fixed_codebook or self.centroids is None:
+            return self.query_assign
+        return 1
+
     def kf_ids(self) -> list[int]:
         """Keyframe ids stored, in insertion order."""
         return [e.kf_id for e in self._entries]
@@ -401,7 +415,7 @@ class RetrievalDatabase:
         thr = self.min_thresh if min_thresh is None else float(min_thresh)
         if not self._entries or self.centroids is None:
             return RetrievalResult()
-        words = quantize(x, self.centroids, self.query_assign)
+        words = quantize(x, self.centroids, self.effective_query_assign())
         bits_q, words_q = aggregate_binary(x, words, self.centroids)
         scores = self._scores(bits_q, words_q)  # [n_images] float64, entry order
         ids = torch.tensor([e.kf_id for e in self._entries], dtype=torch.int64)
@@ -443,7 +457,7 @@ class RetrievalDatabase:
             raise ValueError(f"keyframe {kf_id} is already in the retrieval database")
         keep_raw = not self.fixed_codebook and len(self._entries) < self.freeze_images
         entry = _ImageEntry(kf_id, torch.zeros((0, 1), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64),
-                            x.detach().to("cpu", torch.float16) if keep_raw else None)
+                            x.detach().to("cpu", torch.float32).clone() if keep_raw else None)
         if self.centroids is not None:
             entry.bits, entry.words = self._aggregate_db(x)
         self._entries.append(entry)
@@ -458,8 +472,8 @@ class RetrievalDatabase:
     def _train(self) -> None:
         raws = [e.raw for e in self._entries if e.raw is not None]
         data = torch.cat(raws).float().to(self.device)
-        n_cl = min(self.n_clusters, max(2, data.shape[0] // 16))
-        self.centroids = kmeans(data, n_cl, n_iter=10, seed=self.seed)
+        n_cl = min(self.n_clusters, max(2, data.shape[0] // 4))
+        self.centroids = kmeans(data, n_cl, n_iter=0, seed=self.seed)  # k-means++ seeds only, see module docstring
         for e in self._entries:
             if e.raw is not None:
                 e.bits, e.words = self._aggregate_db(e.raw.float().to(self.device))
