@@ -218,7 +218,9 @@ def test_bad_input_leaves_state_unchanged(translation_seq):
     assert (system.state, len(system.trajectory()), len(system.keyframes()), system.map_version) == snapshot
     r = system.track(seq.images[1], int(seq.stamps_ns[1]))
     assert r.state == Mode.TRACKING and r.frame_id == 1
+    v_before = system.map_version
     system.reset()
+    assert system.map_version > v_before  # map publishers see the change
     assert system.state == Mode.INIT and system.trajectory() == [] and len(system.keyframes()) == 0
     r = system.track(seq.images[2], int(seq.stamps_ns[0]))  # after reset stamps may start again
     assert r.is_keyframe and r.frame_id == 0
