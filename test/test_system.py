@@ -257,7 +257,8 @@ def test_reloc_entered_when_lost_and_left_when_matching_again():
     back = [i for i in range(9, len(seq)) if states[i] == Mode.TRACKING]
     assert back, f"never relocalized: states {[s.name for s in states]}"
     first = back[0]
-    assert results[first].is_keyframe
+    assert results[first].is_keyframe and results[first].message == "relocalized"
+    assert results[first].match_frac >= 0.3  # reloc.min_match_frac
     assert all(s == Mode.TRACKING for s in states[first:])
     # the relocalized poses agree with ground truth (Sim(3)-aligned on the frames tracked before getting lost)
     from evo.core.trajectory import PoseTrajectory3D

@@ -347,8 +347,12 @@ class SlamSystem:
             is_kf = False
             if self.sync_backend:
                 is_kf = self._reloc_attempt()
-            return TrackResult(stamp_ns, Sim3(frame.T_WC.data.clone()), is_kf, self._state, 0.0, frame.frame_id,
-                               "" if is_kf else "relocalizing")
+            mf = 0.0
+            rel = getattr(self.backend, "last_reloc", None) if is_kf else None
+            if rel is not None and getattr(rel, "match_frac", None):
+                mf = float(max(rel.match_frac))  # two-way match fraction of the accepted relocalization edge
+            return TrackResult(stamp_ns, Sim3(frame.T_WC.data.clone()), is_kf, self._state, mf, frame.frame_id,
+                               "relocalized" if is_kf else "relocalizing")
 
     def _commit(self, frame: Frame, stamp_ns: int, ref: int, T_KC: Tensor | None, is_kf: bool) -> None:
         if T_KC is None:
