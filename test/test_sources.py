@@ -359,3 +359,22 @@ def test_rosbag_topic_errors_corrupt_bag_and_stamp_order(tmp_path, caplog):
         open_source(tmp_path / "junk.db3")
     with pytest.raises(FileExistsError):
         write_image_bag(bag, [(1, imgs[0])])
+    # an uncalibrated camera's CameraInfo (K = 0) is ignored with a warning, the images still play
+    zk = tmp_path / "zk"
+    with Writer(zk, version=8, storage_plugin=StoragePlugin.MCAP) as w:
+        ci = w.add_connection("/camera/camera_info", "sensor_msgs/msg/CameraInfo", typestore=ts)
+        ic = w.add_connection("/camera/image_raw", "sensor_msgs/msg/Image", typestore=ts)
+        CI, ROI = ts.types["sensor_msgs/msg/CameraInfo"], ts.types["sensor_msgs/msg/RegionOfInterest"]
+        hdr = Header(stamp=Time(sec=0, nanosec=7), frame_id="c")
+        info = CI(header=hdr, height=48, width=64, distortion_model="", d=np.zeros(0), k=np.zeros(9),
+                  r=np.zeros(9), p=np.zeros(12), binning_x=0, binning_y=0,
+                  roi=ROI(x_offset=0, y_offset=0, height=0, width=0, do_rectify=False))
+        w.write(ci, 7, ts.serialize_cdr(info, "sensor_msgs/msg/CameraInfo"))
+        img = Image(header=hdr, height=48, width=64, encoding="rgb8", is_bigendian=0, step=192,
+                    data=imgs[0].reshape(-1))
+        w.write(ic, 7, ts.serialize_cdr(img, "sensor_msgs/msg/Image"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        src = open_source(zk)
+    assert src.intrinsics is None and "ignoring CameraInfo" in caplog.text
+    np.testing.assert_array_equal(next(iter(src)).rgb, imgs[0])

@@ -105,7 +105,8 @@ class RosbagSource(ImageSource):
         path: bag folder (with ``metadata.yaml``) or a ``.db3`` / ``.mcap`` file.
         topic: image topic; default: the only ``Image`` / ``CompressedImage`` topic of the bag.
         camera_info_topic: ``CameraInfo`` topic; default: ``<namespace of topic>/camera_info`` if present, else the
-            only CameraInfo topic, else none. ``""`` disables it.
+            only CameraInfo topic, else none. ``""`` disables it. Its first message gives ``intrinsics`` (a message
+            with an empty K is ignored with a warning).
         intrinsics: calibration that overrides the bag's CameraInfo.
         undistort, skip_corrupt, center_principal_point: see ``io.sources``.
     Raises:
@@ -147,7 +148,10 @@ class RosbagSource(ImageSource):
             if intrinsics is None and info_topic:
                 conns = [c for c in reader.connections if c.topic == info_topic]
                 for _, _, raw in reader.messages(connections=conns):
-                    intrinsics = camera_info_to_intrinsics(reader.deserialize(raw, CAMERA_INFO_TYPE))
+                    try:
+                        intrinsics = camera_info_to_intrinsics(reader.deserialize(raw, CAMERA_INFO_TYPE))
+                    except ValueError as e:  # e.g. an uncalibrated camera publishing K = 0
+                        log.warning("%s: ignoring CameraInfo on %s: %s", self.name, info_topic, e)
                     break
         finally:
             reader.close()
