@@ -397,6 +397,10 @@ class VideoSource(ImageSource):
     def __getitem__(self, i):  # pragma: no cover - explicit refusal
         raise TypeError("VideoSource is not indexable; iterate over it")
 
+    @property
+    def stamps_ns(self) -> list[int]:  # pragma: no cover - explicit refusal
+        raise TypeError("VideoSource stamps are only known while iterating")
+
     def __iter__(self) -> Iterator[Sample]:
         cap = cv2.VideoCapture(str(self.path))
         try:
