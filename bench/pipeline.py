@@ -307,7 +307,10 @@ def install_profiling(timer: StageTimer, system: SlamSystem, model: Any | None) 
 
 # --------------------------------------------------------------------------------------------------- one variant
 def build_network(variant: str, model: Mast3rModel | None):
-    """``eager-<prec>`` -> the model; ``graph-<prec>`` -> GraphedPredictor; ``none`` -> None."""
+    """``eager-<prec>`` -> the model; ``graph-<prec>`` -> GraphedPredictor; ``none`` -> None (a ``+eagergn`` suffix
+    is handled by :func:`run_variant`)."""
+    flags = set(variant.split("+")[1:])
+    variant = variant.split("+", 1)[0]
     if variant == "none" or model is None:
         return None
     mode, prec = variant.split("-", 1)
@@ -318,7 +321,7 @@ def build_network(variant: str, model: Mast3rModel | None):
         from mast3r_slam_ros.network.graphs import GraphedPredictor
 
         model.set_precision(prec)
-        return GraphedPredictor(model)
+        return GraphedPredictor(model, heads_channels_last="cl" in flags)
     raise ValueError(f"unknown variant {variant!r} (eager-<prec>, graph-<prec> or none)")
 
 
@@ -326,6 +329,8 @@ def release_network(net: Any) -> None:
     """Undo a GraphedPredictor's trunk cast (restores float32 weights) and drop its graphs."""
     if net is not None and hasattr(net, "_graphs"):
         net.set_precision("fp32")
+        for h in ("downstream_head1", "downstream_head2"):
+            getattr(net.model, h).to(memory_format=torch.contiguous_format)
         net._graphs.clear()
         net._pool = None
 
@@ -345,6 +350,9 @@ def run_variant(args, variant: str, kb: str, model: Mast3rModel | None, oracle: 
         torch.cuda.reset_peak_memory_stats(dev)
     net = build_network(variant, model)
     hyb = HybridPredictor(net, oracle)
+    graphed_gn = tracker_mod._graphed_gn_loop
+    if variant.endswith("+eagergn"):  # A/B: the tracker's eager Gauss-Newton loop instead of the graphed one
+        tracker_mod._graphed_gn_loop = lambda *a, **k: None
     K = oracle.K.double().cpu().numpy() if args.calib else None
     system = SlamSystem(hyb, cfg, K=K, preprocess=pre)
 
@@ -421,6 +429,7 @@ def run_variant(args, variant: str, kb: str, model: Mast3rModel | None, oracle: 
         bk = [f["backend_step"] for f in timer.frames[skip:] if f.get("backend_step", 0.0) > 1.0]
         out["backend_step_with_work_ms"] = statistics.median(bk) if bk else None
     release_network(net)
+    tracker_mod._graphed_gn_loop = graphed_gn
     return out
 
 
@@ -512,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-frames", type=int, default=10)
     ap.add_argument("--profile-frames", type=int, default=120)
     ap.add_argument("--variants", default="eager-tf32,graph-tf32,graph-bf16",
-                    help="comma list of eager-<prec>, graph-<prec> (prec fp32/tf32/bf16/fp16) or none")
+                    help="comma list of eager-<prec>, graph-<prec> (prec fp32/tf32/bf16/fp16) or none; suffix "
+                    "'+eagergn' runs the tracker's eager Gauss-Newton loop (A/B of its CUDA graph), '+cl' channels-last heads")
     ap.add_argument("--kernel-backends", default="auto", help="comma list of auto/cuda/torch (applied to the "
                     "first variant... every variant is run with every backend)")
     ap.add_argument("--memory-keyframes", type=int, default=0,

@@ -124,6 +124,8 @@ class GraphedPredictor:
         cudnn_benchmark: set ``torch.backends.cudnn.benchmark`` during warm-up and capture (restored after). Off by
             default: on an H200 it did not speed up the step (13.24 ms both ways) and raised the peak memory of a
             SLAM run from 2.8 to 34.5 GiB (benchmark workspaces kept in the graph pool), see docs/performance.md.
+        heads_channels_last: store the DPT head convolution weights channels-last (NHWC) in place, so cuDNN runs the
+            float32/TF32 head convolutions without layout transposes (values unchanged; H200: decode 9.82 -> 8.90 ms).
 
     Raises:
         TypeError: ``model`` lacks ``encode``/``decode``.
@@ -133,7 +135,8 @@ class GraphedPredictor:
     supports_batched_decode = True
 
     def __init__(self, model: Any, enabled: bool | None = None, graph_batches: Sequence[int] = (1,),
-                 max_graphs: int = 8, cast_trunk: bool = True, warmup: int = 2, cudnn_benchmark: bool = False) -> None:
+                 max_graphs: int = 8, cast_trunk: bool = True, warmup: int = 2, cudnn_benchmark: bool = False,
+                 heads_channels_last: bool = True) -> None:
         if not (hasattr(model, "encode") and hasattr(model, "decode")):
             raise TypeError(f"model must have encode/decode, got {type(model).__name__}")
         self.model = model
@@ -143,6 +146,11 @@ class GraphedPredictor:
         self.cast_trunk = bool(cast_trunk)
         self.warmup = int(warmup)
         self.cudnn_benchmark = bool(cudnn_benchmark)
+        self.heads_channels_last = bool(heads_channels_last)
+        if self.heads_channels_last:
+            for h in ("downstream_head1", "downstream_head2"):
+                if hasattr(model, h):
+                    getattr(model, h).to(memory_format=torch.channels_last)
         self.stats = GraphStats()
         self._graphs: dict[tuple, _Graph] = {}
         self._failed: set[tuple] = set()
@@ -295,3 +303,68 @@ class GraphedPredictor:
         return self.decode(f1, p1, f2, p2, shape)
 
     __call__ = forward
+
+
+class GraphedFunction:
+    """A pure tensor function replayed from a CUDA graph: ``out = f(*inputs)`` for one fixed input signature.
+
+    Used for the fixed-shape inner loops of SLAM (one Gauss–Newton linearization of the tracker: thousands of small
+    kernels per iteration whose launch cost dominates). ``__call__`` copies the inputs into static buffers, replays
+    and returns the graph's **static** outputs: consume (e.g. ``.cpu()``) or clone them before the next call.
+
+    Args:
+        fn: function of tensors only, no host synchronization inside (capture would fail).
+        inputs: example inputs (CUDA tensors) defining the signature.
+        warmup: eager runs on a side stream before capture.
+
+    Raises:
+        RuntimeError: capture failed (the caller falls back to eager; see :func:`graphed_function`).
+    """
+
+    def __init__(self, fn: Callable[..., Any], inputs: Sequence[Tensor], warmup: int = 2) -> None:
+        with torch.inference_mode(False):
+            self.inputs = [t.detach().clone() for t in inputs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(max(1, warmup)):
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = fn(*self.inputs)
+        self._lock = threading.Lock()
+
+    def __call__(self, *inputs: Tensor) -> Any:
+        with self._lock:
+            for dst, src in zip(self.inputs, inputs):
+                if src is not dst:
+                    dst.copy_(src, non_blocking=True)
+            self.graph.replay()
+            return self.outputs
+
+
+_FUNCTION_GRAPHS: dict[tuple, GraphedFunction | None] = {}
+
+
+def graphed_function(key: tuple, fn: Callable[..., Any], inputs: Sequence[Tensor], max_entries: int = 8
+                     ) -> GraphedFunction | None:
+    """Cached :class:`GraphedFunction` for ``key`` + the inputs' shapes/dtypes/device, or None when CUDA graphs are
+    unavailable (CPU tensors, no CUDA, ``MAST3R_SLAM_ROS_CUDA_GRAPHS=0``) or the capture failed (logged once; that
+    signature then stays eager)."""
+    if not inputs or not all(isinstance(t, Tensor) and t.is_cuda for t in inputs) \
+            or not graphs_available(inputs[0].device):
+        return None
+    full = (key, tuple((tuple(t.shape), t.dtype, str(t.device)) for t in inputs))
+    if full in _FUNCTION_GRAPHS:
+        return _FUNCTION_GRAPHS[full]
+    if sum(v is not None for v in _FUNCTION_GRAPHS.values()) >= max_entries:
+        return None
+    try:
+        g: GraphedFunction | None = GraphedFunction(fn, inputs)
+    except Exception as e:  # noqa: BLE001 - eager fallback
+        log.warning("CUDA graph capture of %s failed (%s: %s); running eagerly", key, type(e).__name__, e)
+        torch.cuda.synchronize()
+        g = None
+    _FUNCTION_GRAPHS[full] = g
+    return g

@@ -17,6 +17,7 @@ Cholesky (failure -> relocalization), convergence when the relative cost decreas
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,6 +154,70 @@ def _gn_loop(T: Sim3, linearize, p: TrackingParams) -> PoseResult:
     return PoseResult(T=T, iterations=it, converged=conv, cost=cost, n_valid=n_valid)
 
 
+def _normal_equations(J: Tensor, r: Tensor, sqrt_info: Tensor, huber: float) -> Tensor:
+    """IRLS normal equations of :func:`solve_step` reduced on the device, packed for one device-to-host copy:
+    ``[58]`` float64 = ``H = AᵀA`` (49, row-major), ``Aᵀb`` (7), ``bᵀb`` (1), number of rows with non-zero weight (1)."""
+    w = huber_weight(sqrt_info * r, huber)
+    s = sqrt_info * torch.sqrt(w)
+    A = (s.unsqueeze(-1) * J).reshape(-1, 7).double()
+    b = (s * r).reshape(-1, 1).double()
+    n_valid = (sqrt_info.abs().sum(-1) > 0).sum().double()
+    return torch.cat([(A.T @ A).reshape(-1), (A.T @ b).reshape(-1), (b * b).sum().reshape(1), n_valid.reshape(1)])
+
+
+def _ray_dist_system(Tdata: Tensor, Xf: Tensor, Xk: Tensor, sqrt_info: Tensor, huber: float) -> Tensor:
+    r, J = ray_dist_residual(Sim3(Tdata), Xf, Xk)
+    return _normal_equations(J, r, sqrt_info, huber)
+
+
+def _calib_system(Tdata: Tensor, Xf: Tensor, meas_k: Tensor, static: Tensor, sq: Tensor, base: Tensor, K: Tensor,
+                  img_size: tuple[int, int], pixel_border: float, z_eps: float, huber: float) -> Tensor:
+    r, J, valid_proj = calib_residual(Sim3(Tdata), Xf, meas_k, K, img_size, pixel_border, z_eps)
+    return _normal_equations(J, r, (static & valid_proj).float() * sq * base, huber)
+
+
+def _graphed_gn_loop(key: tuple, system_fn, tensors: list[Tensor], T: Sim3, p: TrackingParams) -> PoseResult | None:
+    """The Gauss–Newton loop of :func:`_gn_loop` with the linearization + normal equations replayed from a CUDA graph
+    (fixed ``N``; ``network.graphs.graphed_function``), one device-to-host copy per iteration, the 7×7 Cholesky and
+    the retraction on the CPU. Same steps, tests and errors as :func:`_gn_loop`. Returns None (caller runs the eager
+    loop) for CPU tensors, without CUDA graphs (``MAST3R_SLAM_ROS_CUDA_GRAPHS=0``) or if the capture failed.
+
+    Why: one linearization is ~100 small kernels on ``HW`` rows; launched eagerly from Python the tracking solve was
+    CPU-bound (docs/performance.md).
+    """
+    if T.data.shape != (1, 8) or not T.data.is_cuda:
+        return None
+    from mast3r_slam_ros.network.graphs import graphed_function
+
+    Tdev = T.data.detach().contiguous()
+    graph = graphed_function(key, system_fn, [Tdev, *tensors])
+    if graph is None:
+        return None
+    Tc = Sim3(T.data.detach().to("cpu"))
+    old_cost = math.inf
+    it, conv, cost, n_valid = 0, False, math.inf, 0
+    for step in range(int(p.max_iters)):
+        packed = graph(Tc.data.to(Tdev.device, non_blocking=True), *tensors).cpu()
+        cost, n_valid = 0.5 * float(packed[56]), int(packed[57])
+        H, g = packed[:49].reshape(7, 7), -packed[49:56].reshape(7, 1)
+        L, info = torch.linalg.cholesky_ex(H)
+        if int(info) != 0 or not torch.isfinite(L).all() or not torch.isfinite(packed).all():
+            raise TrackingFailure(f"Cholesky of the 7x7 tracking system failed (info={int(info)}); too few "
+                                  "constraints")
+        delta = torch.cholesky_solve(g, L).reshape(7)
+        if not torch.isfinite(delta).all():
+            raise TrackingFailure("non-finite Gauss-Newton step")
+        Tc = Tc.retr(delta.to(Tc.data.dtype).reshape(1, 7))
+        if not torch.isfinite(Tc.data).all():
+            raise TrackingFailure("pose became non-finite during Gauss-Newton")
+        it = step + 1
+        if _converged(step, old_cost, cost, delta, p.rel_error, p.delta_norm):
+            conv = True
+            break
+        old_cost = cost
+    return PoseResult(T=Sim3(Tc.data.to(T.data.device)), iterations=it, converged=conv, cost=cost, n_valid=n_valid)
+
+
 # ---------------------------------------------------------------------------------------------- the two cost types
 def ray_dist_residual(T: Sim3, Xf: Tensor, Xk: Tensor) -> tuple[Tensor, Tensor]:
     """Ray + distance residual and Jacobian (spec §5.2).
@@ -225,6 +290,11 @@ def opt_pose_ray_dist_sim3(Xf: Tensor, Xk: Tensor, T_CkCf: Sim3, Qk: Tensor, val
         r, J = ray_dist_residual(T, Xf, Xk)
         return J, r, sqrt_info
 
+    huber = float(p.huber)
+    fast = _graphed_gn_loop(("track_ray", huber), functools.partial(_ray_dist_system, huber=huber),
+                            [Xf.contiguous(), Xk.contiguous(), sqrt_info.contiguous()], T_CkCf, p)
+    if fast is not None:
+        return fast
     return _gn_loop(T_CkCf, linearize, p)
 
 
@@ -252,6 +322,14 @@ def opt_pose_calib_sim3(Xf: Tensor, Xk: Tensor, T_CkCf: Sim3, Qk: Tensor, valid:
         r, J, valid_proj = calib_residual(T, Xf, meas_k, K, img_size, p.pixel_border, p.depth_eps)
         return J, r, (static & valid_proj).float() * sq * base
 
+    hw = (int(img_size[0]), int(img_size[1]))
+    huber, border, eps = float(p.huber), float(p.pixel_border), float(p.depth_eps)
+    fast = _graphed_gn_loop(("track_calib", hw, border, eps, huber),
+                            functools.partial(_calib_system, img_size=hw, pixel_border=border, z_eps=eps, huber=huber),
+                            [Xf.contiguous(), meas_k.float().contiguous(), static.contiguous(), sq.contiguous(), base,
+                             K.contiguous()], T_CkCf, p)
+    if fast is not None:
+        return fast
     return _gn_loop(T_CkCf, linearize, p)
 
 
