@@ -194,16 +194,20 @@ def test_cuda_lint_flags_msvc_hostile_code_and_ignores_comments(tmp_path):
         "unsigned long long u = 0;\n"
         "#include <unistd.h>\n"
         "int f(int x) { return __builtin_popcount(x); }\n"
-        "bool g(bool a, bool b) { return a and not b; }\n",
+        "bool g(bool a, bool b) { return a and not b; }\n"
+        "#include <span>\n"
+        "template <typename T> concept Small = sizeof(T) < 8;\n"
+        "int requires_count = 0;  // identifiers merely containing a keyword are fine\n",
         encoding="utf-8",
     )
     findings = chk.lint_file(src)
     by_line: dict[int, list[str]] = {}
     for f in findings:
         by_line.setdefault(f.line, []).append(f.message)
-    assert set(by_line) == {7, 8, 9, 10, 11, 12}, by_line
+    assert set(by_line) == {7, 8, 9, 10, 11, 12, 13, 14}, by_line
     assert all("long" in m for m in by_line[7] + by_line[8] + by_line[9])
     assert "POSIX" in by_line[10][0] and "builtin" in by_line[11][0] and "alternative" in by_line[12][0]
+    assert all("C++20" in m for m in by_line[13] + by_line[14])
 
 
 def test_cuda_lint_of_repository_sources_is_clean_and_tool_skips_without_sources(tmp_path, capsys):

@@ -10,8 +10,11 @@ typos, C++ errors and the known MSVC traps on Linux:
    - the alternative operator tokens ``and``/``or``/``not`` (MSVC rejects them without ``/permissive-``).
 2. **Compile** every ``csrc/*.cu`` and ``csrc/*.cpp`` with ``nvcc -c`` against the installed torch's headers, with the
    flags ``torch.utils.cpp_extension.BuildExtension`` would use (``COMMON_NVCC_FLAGS``, ``-fPIC``,
-   ``-DTORCH_API_INCLUDE_EXTENSION_H``, ``-DTORCH_EXTENSION_NAME=_cuda``, the C++ ABI flag) plus ``-std=c++17`` and
-   ``-Werror=vla`` (MSVC has no variable-length arrays). Object files go to a temporary folder and are discarded.
+   ``-DTORCH_API_INCLUDE_EXTENSION_H``, ``-DTORCH_EXTENSION_NAME=_cuda``, the C++ ABI flag), the C++ standard torch's
+   builder uses for the installed torch (``c++20`` from torch 2.10, ``c++17`` before; forcing C++17 against C++20
+   headers compiles but mismatches libtorch's inline code) and ``-Werror=vla`` (MSVC has no variable-length arrays).
+   Object files go to a temporary folder and are discarded. Because users' Windows wheels (torch 2.7-2.9) build as
+   C++17, the lint also rejects C++20-only keywords and headers.
 
 A CPU-only torch wheel ships ``ATen/cuda`` and ``c10/cuda`` headers but not the build-generated
 ``c10/cuda/impl/cuda_cmake_macros.h``, and a compiler-only CUDA toolkit may lack the cuBLAS/cuSPARSE/cuSOLVER headers
@@ -22,7 +25,7 @@ CUDA machine uses the real headers).
 
 Exit status: 0 = clean (or no sources: "skipped" is printed), 1 = a lint finding or a compile error, 2 = no nvcc.
 
-Usage: ``python tools/check_cuda_sources.py [--csrc DIR] [--nvcc PATH] [--std c++17] [--arch "8.6;12.0"]``
+Usage: ``python tools/check_cuda_sources.py [--csrc DIR] [--nvcc PATH] [--std c++20] [--arch "8.6;12.0"] [--jobs N]``
 """
 
 from __future__ import annotations
@@ -86,6 +89,10 @@ _LINT_RULES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\b__attribute__\b"), "GCC __attribute__; not available in MSVC (use a portable macro)"),
     (re.compile(r"#\s*include\s*<(unistd\.h|pthread\.h|sys/[\w/]+\.h)>"), "POSIX-only header; not on Windows"),
     (re.compile(r"(?<![\w.])(and|or|not)(?![\w.])"), "alternative operator token; MSVC needs /permissive- (use && || !)"),
+    (re.compile(r"\b(requires|concept|consteval|constinit|co_await|co_yield|co_return)\b|<=>"),
+     "C++20-only construct; torch < 2.10 (e.g. Windows cu128 wheels 2.7-2.9) builds extensions as C++17"),
+    (re.compile(r"#\s*include\s*<(span|numbers|ranges|concepts|format|bit|compare|coroutine)>"),
+     "C++20-only header; torch < 2.10 builds extensions as C++17"),
 ]
 
 
@@ -129,11 +136,11 @@ def lint_file(path: Path) -> list[LintFinding]:
     for lineno, line in enumerate(code.splitlines(), start=1):
         stripped = line.lstrip()
         if re.match(r"#\s*include\b", stripped):
-            rules = [r for r in _LINT_RULES if "POSIX" in r[1]]
+            rules = [r for r in _LINT_RULES if "header" in r[1]]
         elif stripped.startswith("#"):
             rules = _LINT_RULES[:3]  # other preprocessor lines: 'long', builtins, attributes
         else:
-            rules = [r for r in _LINT_RULES if "POSIX" not in r[1]]
+            rules = [r for r in _LINT_RULES if "header" not in r[1]]
         for pattern, message in rules:
             if pattern.search(line):
                 findings.append(LintFinding(path, lineno, f"{message}: {line.strip()}"))
@@ -231,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--csrc", type=Path, default=ROOT / "csrc", help="folder with the CUDA sources")
     parser.add_argument("--nvcc", default=None, help="nvcc executable (default: PATH, $CUDA_HOME/bin)")
-    parser.add_argument("--std", default="c++17", help="C++ standard passed to nvcc (default c++17)")
+    parser.add_argument("--std", default=None,
+                        help="C++ standard for nvcc (default: as torch's builder: c++20 for torch >= 2.10, else c++17)")
     parser.add_argument("--arch", default=os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH,
                         help=f"CUDA archs, TORCH_CUDA_ARCH_LIST notation (default {DEFAULT_ARCH})")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -263,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         print("check_cuda_sources: ERROR: nvcc not found (set --nvcc, $NVCC or $CUDA_HOME)", file=sys.stderr)
         return 2
     includes, flags = torch_build_flags()
+    if args.std is None:
+        import torch
+
+        major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+        args.std = "c++20" if (major, minor) >= (2, 10) else "c++17"
     includes = [csrc.resolve()] + includes
     py_include = sysconfig.get_paths()["include"]
     if py_include:
