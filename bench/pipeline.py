@@ -321,7 +321,7 @@ def build_network(variant: str, model: Mast3rModel | None):
         from mast3r_slam_ros.network.graphs import GraphedPredictor
 
         model.set_precision(prec)
-        return GraphedPredictor(model, heads_channels_last="cl" in flags)
+        return GraphedPredictor(model, heads_channels_last="cl" in flags, parallel_heads="ph" in flags)
     raise ValueError(f"unknown variant {variant!r} (eager-<prec>, graph-<prec> or none)")
 
 
@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-frames", type=int, default=120)
     ap.add_argument("--variants", default="eager-tf32,graph-tf32,graph-bf16",
                     help="comma list of eager-<prec>, graph-<prec> (prec fp32/tf32/bf16/fp16) or none; suffix "
-                    "'+eagergn' runs the tracker's eager Gauss-Newton loop (A/B of its CUDA graph), '+cl' channels-last heads")
+                    "'+eagergn' runs the tracker's eager Gauss-Newton loop (A/B of its CUDA graph), '+cl' channels-last heads, '+ph' parallel heads")
     ap.add_argument("--kernel-backends", default="auto", help="comma list of auto/cuda/torch (applied to the "
                     "first variant... every variant is run with every backend)")
     ap.add_argument("--memory-keyframes", type=int, default=0,

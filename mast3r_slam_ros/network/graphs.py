@@ -126,6 +126,8 @@ class GraphedPredictor:
             SLAM run from 2.8 to 34.5 GiB (benchmark workspaces kept in the graph pool), see docs/performance.md.
         heads_channels_last: store the DPT head convolution weights channels-last (NHWC) in place, so cuDNN runs the
             float32/TF32 head convolutions without layout transposes (values unchanged; H200: decode 9.82 -> 8.90 ms).
+        parallel_heads: in captured decodes run head 2 on a second CUDA stream next to head 1 (the graph keeps the
+            fork/join); same kernels and values, the two heads only overlap on the GPU.
 
     Raises:
         TypeError: ``model`` lacks ``encode``/``decode``.
@@ -136,7 +138,7 @@ class GraphedPredictor:
 
     def __init__(self, model: Any, enabled: bool | None = None, graph_batches: Sequence[int] = (1,),
                  max_graphs: int = 8, cast_trunk: bool = True, warmup: int = 2, cudnn_benchmark: bool = False,
-                 heads_channels_last: bool = True) -> None:
+                 heads_channels_last: bool = True, parallel_heads: bool = True) -> None:
         if not (hasattr(model, "encode") and hasattr(model, "decode")):
             raise TypeError(f"model must have encode/decode, got {type(model).__name__}")
         self.model = model
@@ -147,6 +149,8 @@ class GraphedPredictor:
         self.warmup = int(warmup)
         self.cudnn_benchmark = bool(cudnn_benchmark)
         self.heads_channels_last = bool(heads_channels_last)
+        self.parallel_heads = bool(parallel_heads)
+        self._head_stream = None
         if self.heads_channels_last:
             for h in ("downstream_head1", "downstream_head2"):
                 if hasattr(model, h):
@@ -293,7 +297,33 @@ class GraphedPredictor:
         if not self._use_graph(key, tensors):
             self.stats.eager += 1
             return self.model.decode(feat1, pos1, feat2, pos2, true_shape, **kw)
-        return self._run(key, lambda f1, p1, f2, p2: self.model.decode(f1, p1, f2, p2, hw, **kw), tensors)
+        if self.parallel_heads and need_res2 and all(hasattr(self.model, n) for n in
+                                                      ("decoder_tokens", "downstream_head1", "downstream_head2")):
+            fn = lambda f1, p1, f2, p2: self._decode_parallel_heads(f1, p1, f2, p2, hw, nd)  # noqa: E731
+        else:
+            fn = lambda f1, p1, f2, p2: self.model.decode(f1, p1, f2, p2, hw, **kw)  # noqa: E731
+        return self._run(key + (self.parallel_heads,), fn, tensors)
+
+    def _decode_parallel_heads(self, feat1: Tensor, pos1: Tensor, feat2: Tensor, pos2: Tensor, hw: tuple[int, int],
+                               nd: tuple[bool, bool]) -> tuple[HeadOutput, HeadOutput]:
+        """``Mast3rModel.decode`` (both heads) with head 2 on a side stream; CUDA tensors only."""
+        from .precision import precision_context
+
+        m = self.model
+        dev = feat1.device.type
+        if self._head_stream is None:
+            self._head_stream = torch.cuda.Stream(device=feat1.device)
+        main, side = torch.cuda.current_stream(feat1.device), self._head_stream
+        with torch.no_grad():
+            with precision_context(m.precision, dev, "trunk"):
+                dec1, dec2 = m.decoder_tokens(feat1, pos1, feat2, pos2)
+            side.wait_stream(main)
+            with precision_context(m.precision, dev, "head"):
+                with torch.cuda.stream(side):
+                    res2 = m.downstream_head2([t.float() for t in dec2], hw, need_desc=nd[1])
+                res1 = m.downstream_head1([t.float() for t in dec1], hw, need_desc=nd[0])
+            main.wait_stream(side)
+        return res1, res2
 
     def forward(self, img1: Tensor, img2: Tensor, true_shape: Tensor | Sequence[int] | None = None):
         """Pair inference through the graphed ``encode``/``decode``."""
