@@ -32,8 +32,8 @@ Numbers:
 Usage::
 
     python bench/pipeline.py --json out.json                            # default variants on the GPU
-    python bench/pipeline.py --variants eager-tf32,graph-bf16 --frames 500
-    python bench/pipeline.py --variants graph-bf16 --kernel-backends cuda,torch
+    python bench/pipeline.py --variants eager-tf32,graph-bf16+cl+ph --frames 500
+    python bench/pipeline.py --variants graph-bf16+cl+ph --kernel-backends cuda,torch
     python bench/pipeline.py --memory-keyframes 300                     # a run where every frame is a keyframe
     python bench/pipeline.py --device cpu --config tiny --size 128x96 --frames 12 --profile-frames 6  # smoke test
 """
@@ -392,7 +392,8 @@ def run_variant(args, variant: str, kb: str, model: Mast3rModel | None, oracle: 
            "fps": n_timed / elapsed if elapsed > 0 else None, "frame_ms": 1e3 * elapsed / max(1, n_timed),
            "track_fps": n_timed / t_track if t_track > 0 else None, "keyframes": n_kf,
            "backend_steps_with_work": n_kf_work,
-           "gn_iterations_mean": statistics.fmean(iters) if iters else None, "states": dict(states), "peak_mem_gib": peak,
+           "gn_iterations_mean": statistics.fmean(iters) if iters else None, "states": dict(states),
+           "peak_mem_gib": peak,
            "loop_closures": getattr(backend, "loop_closures", None),
            "edges": int(len(backend.graph.ii)) if backend is not None and hasattr(backend.graph, "ii") else None}
     if hasattr(net, "stats"):
@@ -520,11 +521,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=500)
     ap.add_argument("--warmup-frames", type=int, default=10)
     ap.add_argument("--profile-frames", type=int, default=120)
-    ap.add_argument("--variants", default="eager-tf32,graph-tf32,graph-bf16",
+    ap.add_argument("--variants", default="eager-tf32,graph-tf32+cl+ph,graph-bf16+cl+ph",
                     help="comma list of eager-<prec>, graph-<prec> (prec fp32/tf32/bf16/fp16) or none; suffix "
-                    "'+eagergn' runs the tracker's eager Gauss-Newton loop (A/B of its CUDA graph), '+cl' channels-last heads, '+ph' parallel heads")
-    ap.add_argument("--kernel-backends", default="auto", help="comma list of auto/cuda/torch (applied to the "
-                    "first variant... every variant is run with every backend)")
+                    "'+eagergn' runs the tracker's eager Gauss-Newton loop (A/B of its CUDA graph), '+cl' "
+                    "channels-last heads, '+ph' parallel heads")
+    ap.add_argument("--kernel-backends", default="auto",
+                    help="comma list of auto/cuda/torch; every variant is run with every kernel backend")
     ap.add_argument("--memory-keyframes", type=int, default=0,
                     help="also run this many frames with every frame a keyframe (last variant), report memory")
     ap.add_argument("--calib", action="store_true", help="use_calib=True (pixel + log-depth residuals)")
