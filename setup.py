@@ -50,12 +50,15 @@ def _cuda_extension() -> tuple[list, dict]:
         if flag in ("1", "true", "yes"):
             raise RuntimeError("MAST3R_SLAM_ROS_BUILD_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
         return [], {}
+    # No -std flag: torch's BuildExtension adds the standard its own headers need (C++17 up to torch 2.9, C++20 from
+    # 2.10). Forcing C++17 against C++20 headers builds, but inline code then differs between the extension and
+    # libtorch (seen: a segfault when a TORCH_CHECK with formatted sizes throws, torch 2.11 + nvcc 13).
     if os.name == "nt":
-        cxx = ["/O2", "/std:c++17"]
-        nvcc = ["-O3", "-std=c++17", "-Xcompiler", "/wd4819"]
+        cxx = ["/O2"]
+        nvcc = ["-O3", "-Xcompiler", "/wd4819"]
     else:
-        cxx = ["-O3", "-std=c++17"]
-        nvcc = ["-O3", "-std=c++17"]
+        cxx = ["-O3"]
+        nvcc = ["-O3"]
     ext = CUDAExtension(
         name=f"{PACKAGE}._cuda",
         sources=sources,

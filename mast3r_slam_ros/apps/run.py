@@ -156,7 +156,7 @@ def _looks_like_repo_id(s: str) -> bool:
 
 
 def _load_predictor(args: argparse.Namespace, cfg, device: str):
-    from mast3r_slam_ros.network import load_model
+    from mast3r_slam_ros.network import load_predictor
 
     ckpt = args.checkpoint
     if ckpt is None:
@@ -168,7 +168,7 @@ def _load_predictor(args: argparse.Namespace, cfg, device: str):
                        "--checkpoint, or write a test one with `mast3r-slam-ros make-test-checkpoint`)")
     precision = getattr(getattr(cfg, "runtime", None), "precision", "fp32")
     try:
-        return load_model(ckpt, device=device, precision=precision)
+        return load_predictor(ckpt, device=device, precision=precision)
     except FileNotFoundError as e:
         raise RunError(f"checkpoint not found: {e}") from e
     except ValueError as e:  # CheckpointError is a ValueError

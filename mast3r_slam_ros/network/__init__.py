@@ -12,7 +12,7 @@ from .model import AsymmetricMASt3R, Mast3rConfig, Mast3rModel
 from .precision import PRECISIONS
 
 __all__ = ["HeadOutput", "Predictor", "StackedPrediction", "Mast3rModel", "AsymmetricMASt3R", "Mast3rConfig",
-           "PRECISIONS", "load_model", "DEFAULT_REPO_ID"]
+           "PRECISIONS", "load_model", "load_predictor", "DEFAULT_REPO_ID"]
 
 
 def __getattr__(name: str):
@@ -21,4 +21,8 @@ def __getattr__(name: str):
         from . import loader
 
         return getattr(loader, name)
+    if name == "load_predictor":
+        from .graphs import load_predictor
+
+        return load_predictor
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

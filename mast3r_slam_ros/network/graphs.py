@@ -398,3 +398,22 @@ def graphed_function(key: tuple, fn: Callable[..., Any], inputs: Sequence[Tensor
         g = None
     _FUNCTION_GRAPHS[full] = g
     return g
+
+
+def load_predictor(path_or_repo_id: str | None = None, device: str | torch.device = "cuda", precision: str = "fp32",
+                   cuda_graphs: bool = True) -> Any:
+    """Load MASt3R (:func:`~mast3r_slam_ros.network.loader.load_model`) and wrap it for SLAM inference.
+
+    On a CUDA device with graphs available (:func:`graphs_available`) and ``cuda_graphs`` true, returns a
+    :class:`GraphedPredictor` (replayed encode/decode, see docs/performance.md); otherwise the eager model. Both
+    implement the Predictor API of docs/interfaces.md, so callers do not need to know which one they got.
+
+    Raises:
+        FileNotFoundError / ValueError: from ``load_model`` (missing file, offline download, wrong architecture).
+    """
+    from .loader import DEFAULT_REPO_ID, load_model
+
+    model = load_model(path_or_repo_id or DEFAULT_REPO_ID, device=device, precision=precision)
+    if cuda_graphs and graphs_available(device):
+        return GraphedPredictor(model)
+    return model

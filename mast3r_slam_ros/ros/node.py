@@ -320,9 +320,10 @@ class SlamNode(Node):
         self.get_logger().info(f"loading MASt3R from '{ckpt}' on device '{device}' ({self.p.precision})")
         t0 = time.monotonic()
         try:
-            from mast3r_slam_ros.network import load_model
+            from mast3r_slam_ros.network import load_predictor  # CUDA-graph replay on CUDA, eager otherwise
 
-            model = load_model(str(Path(ckpt).expanduser()) if looks_like_path else ckpt, device, self.p.precision)
+            model = load_predictor(str(Path(ckpt).expanduser()) if looks_like_path else ckpt, device,
+                                   self.p.precision)
         except Exception as exc:  # noqa: BLE001 - re-raised with context
             raise ModelLoadError(f"cannot load checkpoint '{ckpt}' on device '{device}': "
                                  f"{type(exc).__name__}: {exc}") from exc
