@@ -258,25 +258,25 @@ void check_graph(const torch::Tensor& Tij, const torch::Tensor& Xs, const torch:
   M3R_CHECK_INPUT(idx, torch::kInt64);
   M3R_CHECK_INPUT(valid, torch::kBool);
   M3R_CHECK_INPUT(Q, torch::kFloat32);
-  TORCH_CHECK(Xs.dim() == 3 && Xs.size(2) == 3, "Xs must be [n,HW,3], got ", Xs.sizes());
+  TORCH_CHECK(Xs.dim() == 3 && Xs.size(2) == 3, "Xs must be [n,HW,3], got ", m3r_shape(Xs));
   const int64_t n = Xs.size(0), HW = Xs.size(1);
   TORCH_CHECK(Cs.dim() == 3 && Cs.size(0) == n && Cs.size(1) == HW && Cs.size(2) == 1,
-              "Cs must be [n,HW,1], got ", Cs.sizes());
-  TORCH_CHECK(ii.dim() == 1, "ii must be [2E], got ", ii.sizes());
+              "Cs must be [n,HW,1], got ", m3r_shape(Cs));
+  TORCH_CHECK(ii.dim() == 1, "ii must be [2E], got ", m3r_shape(ii));
   const int64_t E2 = ii.size(0);
-  TORCH_CHECK(jj.dim() == 1 && jj.size(0) == E2, "jj must be [2E], got ", jj.sizes());
-  TORCH_CHECK(Tij.dim() == 2 && Tij.size(0) == E2 && Tij.size(1) == 8, "Tij must be [2E,8], got ", Tij.sizes());
+  TORCH_CHECK(jj.dim() == 1 && jj.size(0) == E2, "jj must be [2E], got ", m3r_shape(jj));
+  TORCH_CHECK(Tij.dim() == 2 && Tij.size(0) == E2 && Tij.size(1) == 8, "Tij must be [2E,8], got ", m3r_shape(Tij));
   TORCH_CHECK(idx.dim() == 2 && idx.size(0) == E2 && idx.size(1) == HW, "idx_ii2jj must be [2E,HW], got ",
-              idx.sizes());
+              m3r_shape(idx));
   TORCH_CHECK(valid.dim() == 3 && valid.size(0) == E2 && valid.size(1) == HW && valid.size(2) == 1,
-              "valid_match must be [2E,HW,1], got ", valid.sizes());
+              "valid_match must be [2E,HW,1], got ", m3r_shape(valid));
   TORCH_CHECK(Q.dim() == 3 && Q.size(0) == E2 && Q.size(1) == HW && Q.size(2) == 1, "Q must be [2E,HW,1], got ",
-              Q.sizes());
+              m3r_shape(Q));
   const auto dev = Xs.device();
   TORCH_CHECK(Tij.device() == dev && Cs.device() == dev && ii.device() == dev && jj.device() == dev &&
                   idx.device() == dev && valid.device() == dev && Q.device() == dev,
               "all inputs must be on the same device");
-  TORCH_CHECK(E2 <= 65535, "too many directed edges for one launch (grid.y): ", E2);
+  TORCH_CHECK(E2 <= 65535, "too many directed edges for one launch (grid.y): ", m3r_int(E2));
 }
 
 template <class Res>
@@ -321,7 +321,7 @@ torch::Tensor gn_calib_blocks_cuda(const torch::Tensor& Tij, const torch::Tensor
                                    int64_t height, int64_t width, int64_t pixel_border, double z_eps,
                                    double sigma_pixel, double sigma_depth, double C_thresh, double Q_thresh) {
   check_graph(Tij, Xs, Cs, ii, jj, idx, valid, Q);
-  TORCH_CHECK(K.dim() == 2 && K.size(0) == 3 && K.size(1) == 3, "K must be [3,3], got ", K.sizes());
+  TORCH_CHECK(K.dim() == 2 && K.size(0) == 3 && K.size(1) == 3, "K must be [3,3], got ", m3r_shape(K));
   TORCH_CHECK(height > 0 && width > 0 && height * width == Xs.size(1), "height*width must equal HW");
   TORCH_CHECK(sigma_pixel > 0 && sigma_depth > 0, "sigmas must be > 0");
   // K is tiny: read it on the host (one small device-to-host copy per call)

@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace mast3r_slam_ros {
@@ -53,3 +54,18 @@ torch::Tensor gn_points_blocks_cuda(const torch::Tensor& Tij, const torch::Tenso
   M3R_CHECK_CUDA(x);           \
   M3R_CHECK_CONTIGUOUS(x);     \
   M3R_CHECK_DTYPE(x, dt)
+
+// Error-message formatting without std::ostream for integers. Seen on torch 2.11 + nvcc 13 (H200): a TORCH_CHECK in a
+// .cu file whose message streams an int64_t (directly or through Tensor::sizes()) segfaults when it throws, while
+// messages streaming only strings and ScalarTypes work. std::to_string avoids the integer ostream path.
+namespace mast3r_slam_ros {
+inline std::string m3r_int(int64_t v) { return std::to_string(v); }
+inline std::string m3r_shape(const torch::Tensor& t) {
+  std::string s = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (d > 0) s += ", ";
+    s += std::to_string(t.size(d));
+  }
+  return s + "]";
+}
+}  // namespace mast3r_slam_ros

@@ -182,18 +182,18 @@ std::vector<torch::Tensor> iter_proj_cuda(const torch::Tensor& rays_with_grad, c
   M3R_CHECK_INPUT(pts3d_norm, torch::kFloat32);
   M3R_CHECK_INPUT(p_init, torch::kFloat32);
   TORCH_CHECK(rays_with_grad.dim() == 4 && rays_with_grad.size(3) == kChannels,
-              "rays_with_grad must be [B,H,W,9], got ", rays_with_grad.sizes());
+              "rays_with_grad must be [B,H,W,9], got ", m3r_shape(rays_with_grad));
   const int64_t B = rays_with_grad.size(0), H = rays_with_grad.size(1), W = rays_with_grad.size(2);
-  TORCH_CHECK(H >= 3 && W >= 3, "iter_proj needs H, W >= 3, got ", H, "x", W);
+  TORCH_CHECK(H >= 3 && W >= 3, "iter_proj needs H, W >= 3, got ", m3r_int(H), "x", m3r_int(W));
   TORCH_CHECK(pts3d_norm.dim() == 3 && pts3d_norm.size(0) == B && pts3d_norm.size(1) == H * W &&
                   pts3d_norm.size(2) == 3,
-              "pts3d_norm must be [B,HW,3] = [", B, ",", H * W, ",3], got ", pts3d_norm.sizes());
+              "pts3d_norm must be [B,HW,3] = [", m3r_int(B), ",", m3r_int(H * W), ",3], got ", m3r_shape(pts3d_norm));
   TORCH_CHECK(p_init.dim() == 3 && p_init.size(0) == B && p_init.size(1) == H * W && p_init.size(2) == 2,
-              "p_init must be [B,HW,2], got ", p_init.sizes());
+              "p_init must be [B,HW,2], got ", m3r_shape(p_init));
   TORCH_CHECK(pts3d_norm.device() == rays_with_grad.device() && p_init.device() == rays_with_grad.device(),
               "all inputs must be on the same device");
   TORCH_CHECK(max_iter >= 0, "max_iter must be >= 0");
-  TORCH_CHECK(B <= 65535, "batch too large for grid.y: ", B);
+  TORCH_CHECK(B <= 65535, "batch too large for grid.y: ", m3r_int(B));
   const c10::cuda::CUDAGuard guard(rays_with_grad.device());
   auto p_out = torch::empty_like(p_init);
   auto conv = torch::empty({B, H * W}, p_init.options().dtype(torch::kBool));
@@ -219,16 +219,16 @@ torch::Tensor refine_matches_cuda(const torch::Tensor& D11, const torch::Tensor&
   TORCH_CHECK(st == torch::kFloat16 || st == torch::kFloat32 || st == torch::kFloat64,
               "D11 must be float16, float32 or float64, got ", st);
   TORCH_CHECK(D21.scalar_type() == st, "D21 must have the dtype of D11 (", st, "), got ", D21.scalar_type());
-  TORCH_CHECK(D11.dim() == 4, "D11 must be [B,H,W,F], got ", D11.sizes());
+  TORCH_CHECK(D11.dim() == 4, "D11 must be [B,H,W,F], got ", m3r_shape(D11));
   const int64_t B = D11.size(0), H = D11.size(1), W = D11.size(2), F = D11.size(3);
-  TORCH_CHECK(F >= 1 && F <= kMaxFeat, "descriptor length must be in [1, ", kMaxFeat, "], got ", F);
+  TORCH_CHECK(F >= 1 && F <= kMaxFeat, "descriptor length must be in [1, ", m3r_int(kMaxFeat), "], got ", m3r_int(F));
   TORCH_CHECK(D21.dim() == 3 && D21.size(0) == B && D21.size(1) == H * W && D21.size(2) == F,
-              "D21 must be [B,HW,F], got ", D21.sizes());
+              "D21 must be [B,HW,F], got ", m3r_shape(D21));
   TORCH_CHECK(p1.dim() == 3 && p1.size(0) == B && p1.size(1) == H * W && p1.size(2) == 2,
-              "p1 must be [B,HW,2], got ", p1.sizes());
+              "p1 must be [B,HW,2], got ", m3r_shape(p1));
   TORCH_CHECK(D21.device() == D11.device() && p1.device() == D11.device(), "all inputs must be on the same device");
   TORCH_CHECK(radius >= 0 && dilation_max >= 1, "need radius >= 0 and dilation_max >= 1");
-  TORCH_CHECK(B <= 65535, "batch too large for grid.y: ", B);
+  TORCH_CHECK(B <= 65535, "batch too large for grid.y: ", m3r_int(B));
   const c10::cuda::CUDAGuard guard(D11.device());
   auto out = torch::empty_like(p1);
   if (B == 0 || H * W == 0) return out;
