@@ -3,7 +3,7 @@
 // Semantics: spec upstream_algorithm.md §4.2 (iter_proj), §4.4 (refine_matches), §6.4-§6.6 (per-edge GN blocks).
 // The Python layer (mast3r_slam_ros/kernels/__init__.py) validates arguments too; these functions check again with
 // TORCH_CHECK (device, dtype, contiguity, shapes) because they can be called directly.
-// MSVC-safe: int64_t (never `long`), constexpr sizes, no VLAs, no GCC builtins.
+// MSVC-safe: int64_t for 64-bit integers (MSVC is LLP64), constexpr sizes, no VLAs, no GCC builtins.
 #pragma once
 
 #include <torch/extension.h>
