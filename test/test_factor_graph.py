@@ -108,15 +108,17 @@ def test_global_gn_rays_recovers_perturbed_poses(device):
     store.set_poses(list(range(n)), Sim3(torch.stack([p.data for p in perturbed]).float().to(device)))
     before = _pose_errors(store, poses)
     assert max(e[0] for e in before) > 1e-2
-    res = None
+    res, first = None, None
     for _ in range(3):  # 3 solves × 10 iterations (upstream runs one solve per new keyframe)
         res = fg.solve()
         assert res is not None and res.ok, res.message if res else "no result"
+        first = first or res
     after = _pose_errors(store, poses)
     assert after[0] == pytest.approx((0.0, 0.0, 0.0), abs=1e-6)  # first keyframe fixed (gauge)
     for t, r, s in after:
         assert t < 1e-3 and r < 1e-3 and s < 1e-3, after
-    assert res.cost <= res.cost_initial
+    # the cost falls from the perturbed start; once converged (last solves) it only moves at round-off level
+    assert res.cost < 1e-2 * first.cost_initial
 
 
 def _plane_scene(seed=0, device="cpu", h=48, w=64, f=60.0, z=3.0):

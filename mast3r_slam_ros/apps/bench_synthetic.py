@@ -139,13 +139,17 @@ def run_one(name: str, *, frames: int | None, size: tuple[int, int], img_size: i
     stamps = np.array([s for s, _ in traj], dtype=np.float64) * 1e-9
     est = np.stack([T.data.reshape(-1)[:7].double().cpu().numpy() for _, T in traj])
     gt = _poses7_from_matrices(seq.T_WC_gt)
-    ate = ate_from_poses(stamps, est, seq.stamps_ns.astype(np.float64) * 1e-9, gt, max_diff=1e-3,
-                         correct_scale=True)
+    try:
+        ate_rmse = ate_from_poses(stamps, est, seq.stamps_ns.astype(np.float64) * 1e-9, gt, max_diff=1e-3,
+                                  correct_scale=True).rmse
+    except Exception as exc:  # noqa: BLE001 - evo's GeometryException: e.g. a straight-line path cannot fix a rotation
+        logging.getLogger(__name__).warning("%s: no ATE (%s: %s)", name, type(exc).__name__, exc)
+        ate_rmse = float("nan")
     length = seq.trajectory_length()
     be = slam.backend
     n_reloc = getattr(be, "n_relocalizations", 0)
     return BenchRow(sequence=name, loop_closure=loop_closure, frames=len(seq), size=f"{seq.size[0]}x{seq.size[1]}",
-                    ate_rmse=ate.rmse, ate_rel_pct=100.0 * ate.rmse / max(length, 1e-9), traj_length=length,
+                    ate_rmse=ate_rmse, ate_rel_pct=100.0 * ate_rmse / max(length, 1e-9), traj_length=length,
                     keyframes=len(slam.store), edges=len(be.graph) if be is not None else 0,
                     loop_closures=be.loop_closures if be is not None else 0, relocalizations=n_reloc,
                     frames_lost=lost, fps=len(seq) / wall, wall_s=wall)
