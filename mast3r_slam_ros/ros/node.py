@@ -522,10 +522,15 @@ class SlamNode(Node):
         stamps = [int(ns) for ns, _ in traj]
         with self._lock:
             n_old = len(self._path)
-            if len(stamps) >= n_old and all(stamps[i] == self._path[i][0] for i in range(n_old)):
-                # same frames (plus new ones): touch only the poses that moved (messages are costly to build)
-                old = np.array([row for _, row in self._path]).reshape(-1, 7)
-                moved = np.nonzero(np.any(new[:n_old] != old, axis=1))[0]
+            k = min(len(stamps), n_old)
+            tail: list = []
+            if all(stamps[i] == self._path[i][0] for i in range(k)):
+                tail = self._path[len(stamps):]
+                # same frames (plus new ones): touch only the poses that moved (messages are costly to build).
+                # With the multi-threaded executor the frontend may have appended frames after the trajectory
+                # snapshot above (k < n_old): those entries are kept as they are.
+                old = np.array([row for _, row in self._path[:k]]).reshape(-1, 7)
+                moved = np.nonzero(np.any(new[:k] != old, axis=1))[0]
                 for i in moved:
                     pose = self._path_msgs[i].pose
                     pose.position.x, pose.position.y, pose.position.z = (float(v) for v in new[i, :3])
@@ -537,7 +542,7 @@ class SlamNode(Node):
             else:
                 self._path_msgs = [conv.pose_stamped_msg((new[i, :3], new[i, 3:]), conv.ns_to_stamp(ns),
                                                          self.p.map_frame) for i, ns in enumerate(stamps)]
-            self._path = [(ns, new[i]) for i, ns in enumerate(stamps)]
+            self._path = [(ns, new[i]) for i, ns in enumerate(stamps)] + tail
             self._path_version = version
 
     def _publish_path(self, stamp: Time, force: bool = False) -> None:
