@@ -30,8 +30,22 @@ TOL_DESC_ABS = 5e-5
 TOL_DESC_CONF = 1e-4
 
 
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.max(np.abs(a.astype(np.float64) - b)) / np.max(np.abs(b.astype(np.float64))))
+#: worst error per compared array of the running test (printed at its end: `pytest -rA` shows it)
+ERRORS: dict[str, float] = {}
+
+
+def _rel(a: np.ndarray, b: np.ndarray, name: str = "") -> float:
+    err = float(np.max(np.abs(a.astype(np.float64) - b)) / np.max(np.abs(b.astype(np.float64))))
+    if name:
+        ERRORS[name] = err
+    return err
+
+
+def _report(title: str) -> None:
+    print(f"{title} on {DEVICE}: worst errors (desc: max abs; others: max abs / max |ref|)")
+    for name, err in sorted(ERRORS.items()):
+        print(f"  {name:<32} {err:.3g}")
+    ERRORS.clear()
 
 
 def _check_res(name: str, ours: np.ndarray, ref: np.ndarray, field: str) -> None:
@@ -39,10 +53,11 @@ def _check_res(name: str, ours: np.ndarray, ref: np.ndarray, field: str) -> None
     assert np.isfinite(ours).all(), name
     if field == "desc":
         err = float(np.max(np.abs(ours.astype(np.float64) - ref)))
+        ERRORS[name] = err
         assert err <= TOL_DESC_ABS, f"{name}: max abs error {err:.3g} > {TOL_DESC_ABS}"
     else:
         tol = TOL_DESC_CONF if field == "desc_conf" else TOL_PTS_CONF
-        err = _rel(ours, ref)
+        err = _rel(ours, ref, name)
         assert err <= tol, f"{name}: relative error {err:.3g} > {tol}"
 
 
@@ -75,7 +90,7 @@ def _run_case(model: Mast3rModel, ref, case: str, f1, p1, f2, p2, shape, subset=
         for i in entries:
             key = f"{case}_dec{branch}_{i:02d}"
             ours = _np(dec[i][0]) if token_idx is None else _np(dec[i][0, token_idx])
-            err = _rel(ours, ref[key][0])
+            err = _rel(ours, ref[key][0], key)
             assert err <= TOL_TOKENS, f"{key}: relative error {err:.3g} > {TOL_TOKENS}"
     if all_entries:  # tiny: the public decode() must give the same as the stage-wise calls
         res1, res2 = model.decode(f1, p1, f2, p2, shape)
@@ -110,15 +125,16 @@ def test_tiny_fixture_parity():
     with torch.no_grad(), precision_context("fp32", DEVICE.type):
         f1, p1, block0 = model.encode_tokens(img1, return_block0=True)
     assert np.array_equal(_np(p1), ref["pos"])
-    assert _rel(_np(block0), ref["enc_block0_img1"]) <= TOL_TOKENS
+    assert _rel(_np(block0), ref["enc_block0_img1"], "enc_block0_img1") <= TOL_TOKENS
     f1e, p1e = model.encode(img1, shape)
     f2, p2 = model.encode(img2, shape)
     assert torch.equal(f1e, f1) and p1e.dtype == torch.int64
     for name, f in (("feat1", f1), ("feat2", f2)):
-        err = _rel(_np(f), ref[name])
+        err = _rel(_np(f), ref[name], name)
         assert err <= TOL_TOKENS, f"{name}: relative error {err:.3g}"
     _run_case(model, ref, "mono", f1, p1, f1, p1, shape)
     _run_case(model, ref, "asym", f1, p1, f2, p2, shape)
+    _report("tiny 96x64 parity")
 
 
 @pytest.mark.slow
@@ -135,9 +151,10 @@ def test_full_fixture_parity():
         f1, p1, block0 = model.encode_tokens(img1, return_block0=True)
         f2, p2 = model.encode_tokens(img2)
     assert np.array_equal(_np(p1), ref["pos"])
-    assert _rel(_np(block0[0, tok]), ref["enc_block0_img1"][0]) <= TOL_TOKENS
+    assert _rel(_np(block0[0, tok]), ref["enc_block0_img1"][0], "enc_block0_img1") <= TOL_TOKENS
     for name, f in (("feat1", f1), ("feat2", f2)):
-        err = _rel(_np(f[0, tok]), ref[name][0])
+        err = _rel(_np(f[0, tok]), ref[name][0], name)
         assert err <= TOL_TOKENS, f"{name}: relative error {err:.3g}"
     _run_case(model, ref, "mono", f1, p1, f1, p1, shape, subset=subset, token_idx=tok, all_entries=False)
     _run_case(model, ref, "asym", f1, p1, f2, p2, shape, subset=subset, token_idx=tok, all_entries=False)
+    _report("full 512x384 parity")
