@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -219,30 +218,23 @@ def load_codebook(path: str | Path) -> Tensor:
     """Load ASMK centroids ``[K,D]`` float32 from an asmk pickle, ``.npy`` or ``.pt``/``.pth`` file.
 
     The asmk pickle layout is ``{'type': 'Codebook', 'params': {'size': K}, 'state': {'centroids': ndarray [K,D]}}``
-    (spec/mast3r_network.md §6.1). Pickles execute code when loaded: only load codebooks from a trusted source (the
-    naverlabs release).
+    (spec/mast3r_network.md §6.1). Pickles are read with the network layer's restricted unpickler
+    (:func:`mast3r_slam_ros.network.retrieval.load_codebook`: only NumPy arrays and plain containers), so a codebook
+    file cannot run code.
 
     Raises:
         FileNotFoundError: if the file does not exist.
-        ValueError: on an unknown layout or a non-2-D array.
+        ValueError: on an unknown layout, a disallowed pickle or a non-2-D array.
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"retrieval codebook not found: {p}")
-    if p.suffix == ".npy":
-        arr = np.load(p)
-    elif p.suffix in (".pt", ".pth"):
-        arr = torch.load(p, map_location="cpu", weights_only=True)
+    if p.suffix in (".pt", ".pth"):
+        t = torch.as_tensor(torch.load(p, map_location="cpu", weights_only=True)).float()
     else:
-        with p.open("rb") as fh:
-            obj = pickle.load(fh)  # noqa: S301 - asmk's own format is a pickle
-        if isinstance(obj, dict) and "state" in obj and "centroids" in obj["state"]:
-            arr = obj["state"]["centroids"]
-        elif isinstance(obj, dict) and "centroids" in obj:
-            arr = obj["centroids"]
-        else:
-            raise ValueError(f"{p}: not an asmk codebook pickle (expected state.centroids)")
-    t = torch.as_tensor(np.asarray(arr) if not isinstance(arr, Tensor) else arr).float()
+        from mast3r_slam_ros.network.retrieval import load_codebook as load_codebook_safe
+
+        t = load_codebook_safe(p).float()
     if t.dim() != 2:
         raise ValueError(f"{p}: codebook must be [K,D], got {tuple(t.shape)}")
     return t
