@@ -19,6 +19,7 @@ The model is loaded once, in the constructor. Tests inject a predictor and/or a 
 from __future__ import annotations
 
 import math
+import signal
 import threading
 import time
 from collections import deque
@@ -742,12 +743,26 @@ def make_executor(kind: str):
 
 
 def spin_node(node: SlamNode) -> None:
-    """Spin ``node`` with the executor its ``executor`` parameter names, until shutdown or SIGINT."""
+    """Spin ``node`` with the executor its ``executor`` parameter names, until shutdown or SIGINT/SIGTERM.
+
+    SIGINT/SIGTERM only set a flag (Python handlers run between callbacks, never inside one); the loop then leaves
+    and the caller saves and shuts down in order. Letting rclpy's own handler shut the context down while a callback
+    was publishing crashed the process now and then (seen on Jazzy: exit code -11 after SIGINT). Must run in the main
+    thread when signals are to be handled (otherwise it spins until the context shuts down).
+    """
     executor = make_executor(node.p.executor)
     executor.add_node(node)
+    stop = threading.Event()
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
     try:
-        executor.spin()
+        while not stop.is_set() and rclpy.ok(context=node.context):
+            executor.spin_once(timeout_sec=0.1)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         executor.shutdown(timeout_sec=1.0)
 
 
@@ -757,7 +772,12 @@ def main(args: list[str] | None = None, **node_kwargs: Any) -> int:
     ``node_kwargs`` go to :class:`SlamNode` (test entry scripts inject a predictor this way). Returns the exit code:
     0 on a clean shutdown, 1 if the model or parameters are invalid.
     """
-    rclpy.init(args=args)
+    try:  # our own SIGINT/SIGTERM handling in spin_node (rclpy >= Humble has SignalHandlerOptions)
+        from rclpy.signals import SignalHandlerOptions
+
+        rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    except (ImportError, TypeError):
+        rclpy.init(args=args)
     node = None
     rc = 0
     try:
