@@ -20,37 +20,14 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from mast3r_slam_ros import kernels
 from mast3r_slam_ros.kernels import _ext
 from mast3r_slam_ros.lie import Sim3
-
-
-def timer(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> list[float]:
-    """Run ``fn`` and return the per-run times in milliseconds (CUDA events on a GPU, perf_counter on the CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
+from timing import timer
 
 
 # ------------------------------------------------------------------------------------------------------ inputs

@@ -31,7 +31,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -39,31 +38,15 @@ import torch
 
 from mast3r_slam_ros.network.model import Mast3rModel
 from mast3r_slam_ros.network.precision import PRECISIONS, precision_context
+from timing import timer
 
 #: upstream H100 TF32 numbers of spec §7 (ms)
 REFERENCE_TF32_H100 = {"encoder": 8.0, "decoder": 13.8, "head": 3.4, "track_step": 28.8, "sym_edge": 40.7}
 
 
 def _timer(device: torch.device, fn: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median time of ``fn`` in milliseconds (:func:`timing.timer`)."""
+    return statistics.median(timer(fn, device, warmup, repeats))
 
 
 def bench_precision(model: Mast3rModel, precision: str, hw: tuple[int, int], warmup: int, repeats: int) -> dict:
