@@ -119,6 +119,21 @@ def test_update_pointmap_errors():
     assert f.N == 0 and f.X_canon is None
 
 
+def test_update_pointmap_check_finite_false_skips_the_finiteness_test():
+    """``check_finite=False`` (the tracker checked finiteness itself) fuses without the host-sync test."""
+    X, C = rand_obs(0)
+    f = make_frame()
+    f.update_pointmap(X, C, check_finite=False)
+    assert torch.equal(f.X_canon, X) and f.N == 1
+    Xn = X.clone()
+    Xn[0, 0] = float("nan")
+    g = make_frame()
+    g.update_pointmap(Xn, C, "recent", check_finite=False)   # no raise: the caller owns the check
+    assert torch.isnan(g.X_canon[0, 0]) and torch.equal(g.X_canon[1:], X[1:]) and g.N_updates == 1
+    with pytest.raises(ValueError, match="H\\*W"):               # shape checks still run
+        g.update_pointmap(X[:5], C[:5], check_finite=False)
+
+
 def test_keyframe_store_grows_caps_and_tracks_dirty():
     store = KeyframeStore(max_keyframes=3)
     assert isinstance(store.lock, type(threading.RLock()))

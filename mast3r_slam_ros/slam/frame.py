@@ -85,7 +85,15 @@ class Frame:
     def device(self) -> torch.device:
         return self.img.device
 
-    def update_pointmap(self, X: Tensor, C: Tensor, mode: str = "weighted_pointmap", score: str = "median") -> None:
+    def update_pointmap(
+        self,
+        X: Tensor,
+        C: Tensor,
+        mode: str = "weighted_pointmap",
+        score: str = "median",
+        *,
+        check_finite: bool = True,
+    ) -> None:
         """Fuse a new pointmap observation of this frame into ``X_canon``/``C``/``N`` (spec §5.6).
 
         Args:
@@ -94,8 +102,10 @@ class Frame:
             mode: ``tracking.filtering_mode``, one of ``weighted_pointmap`` (default), ``weighted_spherical``,
                 ``recent``, ``first``, ``best_score``, ``indep_conf``.
             score: ``tracking.filtering_score`` for ``best_score`` (``median`` or ``mean``).
+            check_finite: when True (default) reject NaN/inf in ``X``/``C``. The test is a device->host sync; callers
+                that already checked finiteness themselves (the tracker, in one packed readback) pass False.
         Raises:
-            ValueError: unknown mode, HW different from this frame's image, or non-finite values.
+            ValueError: unknown mode, HW different from this frame's image, or (``check_finite``) non-finite values.
         """
         if mode not in FILTERING_MODES:
             raise ValueError(f"unknown filtering_mode {mode!r}; expected one of {FILTERING_MODES}")
@@ -104,7 +114,7 @@ class Frame:
         C = C.reshape(-1, 1)
         if X.shape[0] != hw or C.shape[0] != hw:
             raise ValueError(f"pointmap has {X.shape[0]} points / {C.shape[0]} confidences, frame has H*W={hw}")
-        if not (torch.isfinite(X).all() and torch.isfinite(C).all()):
+        if check_finite and not (torch.isfinite(X).all() and torch.isfinite(C).all()):
             raise ValueError("pointmap or confidence contains NaN/inf")
         res = fuse(self.X_canon, self.C, self.N, self.N_updates, self.score, X.float(), C.float(), mode, score)
         self.X_canon, self.C, self.N, self.score = res.X_canon, res.C, res.N, res.score
