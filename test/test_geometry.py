@@ -219,3 +219,19 @@ def test_upstream_convention_formula():
     assert isinstance(K2, np.ndarray)
     with pytest.raises(ValueError):
         G.adjust_intrinsics(np.eye(2), pre.transform)
+
+
+def test_normalize_image_matches_formula_and_rejects_bad_input():
+    rng = np.random.default_rng(3)
+    u8 = torch.from_numpy(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    x = G.normalize_image(u8)
+    ref = (u8.permute(2, 0, 1).unsqueeze(0).double() / 255.0 - 0.5) / 0.5
+    assert x.shape == (1, 3, 32, 48) and x.dtype == torch.float32 and x.is_contiguous()
+    assert torch.allclose(x.double(), ref, atol=1e-6)
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    pre = G.preprocess_image(u8.numpy(), size=512, device="cpu")
+    assert torch.equal(pre.img, G.normalize_image(pre.uimg))
+    with pytest.raises(TypeError):
+        G.normalize_image(u8.float())
+    with pytest.raises(TypeError):
+        G.normalize_image(u8[..., :2])

@@ -120,7 +120,7 @@ def native_preprocess(rgb: np.ndarray) -> "geometry.Preprocessed":
     if H % 16 or W % 16:
         raise ValueError(f"native_preprocess needs H and W multiples of 16 (ViT patches), got {W}x{H}")
     uimg = torch.from_numpy(np.ascontiguousarray(rgb).copy())
-    img = uimg.permute(2, 0, 1).unsqueeze(0).to(torch.float32).div(255.0).sub(0.5).div(0.5).contiguous()
+    img = geometry.normalize_image(uimg)
     tf = geometry.ImageTransform(scale_w=1.0, scale_h=1.0, half_crop_w=0.0, half_crop_h=0.0, in_size=(W, H),
                                  out_size=(W, H))
     return geometry.Preprocessed(img=img, true_shape=torch.tensor([[H, W]], dtype=torch.int32), uimg=uimg,
@@ -208,8 +208,8 @@ class SlamSystem:
     def _make_frame(self, rgb: np.ndarray, stamp_ns: int, T_WC: Sim3) -> Frame:
         if self._preprocess is not None:
             pre = self._preprocess(rgb)
-        else:
-            pre = geometry.preprocess_image(rgb, size=self.img_size)
+        else:  # normalized on the device from a pinned uint8 upload (no host sync, 4x fewer bytes)
+            pre = geometry.preprocess_image(rgb, size=self.img_size, device=self.device)
         H, W = int(pre.true_shape[0, 0]), int(pre.true_shape[0, 1])
         if self._out_shape is not None and (H, W) != self._out_shape:
             raise ValueError(f"image size changed: network image {W}x{H}, previous frames "
