@@ -2,7 +2,9 @@
 #include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "mast3r_slam_ros CUDA kernels: iter_proj, refine_matches, per-edge Gauss-Newton sums";
+  m.doc() =
+      "mast3r_slam_ros CUDA kernels: iter_proj, refine_matches, per-edge Gauss-Newton sums, tracking normal "
+      "equations";
   m.def("iter_proj", &mast3r_slam_ros::iter_proj_cuda, "iterative projective matching (spec 4.2)",
         pybind11::arg("rays_with_grad"), pybind11::arg("pts3d_norm"), pybind11::arg("p_init"),
         pybind11::arg("max_iter"), pybind11::arg("lambda_init"), pybind11::arg("cost_thresh"));
@@ -13,4 +15,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gn_calib_blocks", &mast3r_slam_ros::gn_calib_blocks_cuda,
         "per-edge GN sums, pixel+log-depth residual (spec 6.5)");
   m.def("gn_points_blocks", &mast3r_slam_ros::gn_points_blocks_cuda, "per-edge GN sums, 3-D point residual (6.6)");
+  m.def("track_system_rays", &mast3r_slam_ros::track_system_rays_cuda,
+        "tracking normal equations, ray+dist residual (spec 5.2), packed [58] f64", pybind11::arg("T"),
+        pybind11::arg("Xf"), pybind11::arg("Xk"), pybind11::arg("sqrt_info"), pybind11::arg("huber"));
+  m.def("track_system_calib", &mast3r_slam_ros::track_system_calib_cuda,
+        "tracking normal equations, pixel+log-depth residual (spec 5.3), packed [58] f64", pybind11::arg("T"),
+        pybind11::arg("Xf"), pybind11::arg("meas_k"), pybind11::arg("static"), pybind11::arg("sq"),
+        pybind11::arg("base"), pybind11::arg("K"), pybind11::arg("height"), pybind11::arg("width"),
+        pybind11::arg("pixel_border"), pybind11::arg("z_eps"), pybind11::arg("huber"));
 }

@@ -1,6 +1,8 @@
-// Host entry points of the mast3r_slam_ros._cuda extension (definitions in matching_kernels.cu, gn_kernels.cu).
+// Host entry points of the mast3r_slam_ros._cuda extension (definitions in matching_kernels.cu, gn_kernels.cu,
+// track_kernels.cu).
 //
-// Semantics: spec upstream_algorithm.md §4.2 (iter_proj), §4.4 (refine_matches), §6.4-§6.6 (per-edge GN blocks).
+// Semantics: spec upstream_algorithm.md §4.2 (iter_proj), §4.4 (refine_matches), §6.4-§6.6 (per-edge GN blocks),
+// §5.2-§5.4 (tracking normal equations).
 // The Python layer (mast3r_slam_ros/kernels/__init__.py) validates arguments too; these functions check again with
 // TORCH_CHECK (device, dtype, contiguity, shapes) because they can be called directly.
 // MSVC-safe: int64_t for 64-bit integers (MSVC is LLP64), constexpr sizes, no VLAs, no GCC builtins.
@@ -42,6 +44,20 @@ torch::Tensor gn_points_blocks_cuda(const torch::Tensor& Tij, const torch::Tenso
                                     const torch::Tensor& ii, const torch::Tensor& jj, const torch::Tensor& idx,
                                     const torch::Tensor& valid, const torch::Tensor& Q, double sigma_point,
                                     double C_thresh, double Q_thresh);
+
+// Tracking (frame -> keyframe) IRLS normal equations at the pose T [1,8] f32 (lietorch layout), reduced on the device
+// without host synchronization. Returns [58] f64: H = A^T A (49, row-major), A^T b (7), b^T b (1), number of pixels
+// with non-zero information (1). Reference: mast3r_slam_ros/kernels/track_torch.py.
+// Ray + distance: Xf, Xk [N,3] f32, sqrt_info [N,4] f32.
+torch::Tensor track_system_rays_cuda(const torch::Tensor& T, const torch::Tensor& Xf, const torch::Tensor& Xk,
+                                     const torch::Tensor& sqrt_info, double huber);
+
+// Pixel + log-depth: Xf [N,3] f32, meas_k [N,3] f32 (u, v, log z), valid_static [N,1] bool, sq [N,1] f32 (sqrt Q),
+// base [3] f32 (1/sigma), K [3,3] f32 (read on the device), image height x width, pixel_border, z_eps.
+torch::Tensor track_system_calib_cuda(const torch::Tensor& T, const torch::Tensor& Xf, const torch::Tensor& meas_k,
+                                      const torch::Tensor& valid_static, const torch::Tensor& sq,
+                                      const torch::Tensor& base, const torch::Tensor& K, int64_t height,
+                                      int64_t width, double pixel_border, double z_eps, double huber);
 
 }  // namespace mast3r_slam_ros
 

@@ -7,6 +7,10 @@ Every operation has ONE documented signature here and two implementations behind
   the reduced system, the solve and the retraction are the same PyTorch code as in the torch implementation.
 - ``torch``: pure PyTorch (CPU or GPU), vectorized over pixels; also the reference in the tests.
 
+The tracking linearizations (:func:`track_system_rays`, :func:`track_system_calib`) are one fused kernel each on CUDA
+(``csrc/track_kernels.cu``) and :mod:`.track_torch` otherwise; an extension built before they existed still loads and
+these two then run through PyTorch.
+
 Selection: :func:`set_backend` with ``"auto"`` (CUDA extension if it loads and the inputs are CUDA tensors, else torch),
 ``"cuda"`` (error if the extension is unavailable; CPU inputs still run through torch because the extension has no
 CPU code) or ``"torch"``. The SLAM system calls ``set_backend(cfg.runtime.kernel_backend)``.
@@ -23,10 +27,12 @@ from . import _ext
 from .gn_torch import cuda_blocks, gn_blocks_calib_torch, gn_blocks_points_torch, gn_blocks_rays_torch, gn_solve
 from .matching_torch import iter_proj_torch, refine_initial_best, refine_matches_torch
 from .result import GNResult
+from .track_torch import track_system_calib_torch, track_system_rays_torch
 
 __all__ = [
     "backend", "set_backend", "cuda_available", "iter_proj", "refine_matches", "gauss_newton_rays",
-    "gauss_newton_calib", "gauss_newton_points", "GNResult", "refine_initial_best",
+    "gauss_newton_calib", "gauss_newton_points", "GNResult", "refine_initial_best", "track_system_rays",
+    "track_system_calib", "cuda_op_available",
 ]
 
 _MODE = "auto"
@@ -55,6 +61,13 @@ def set_backend(mode: str) -> None:
 def cuda_available() -> bool:
     """True if the compiled extension loaded (and CUDA is available)."""
     return _ext.load() is not None
+
+
+def cuda_op_available(name: str) -> bool:
+    """True if CUDA tensors passed to the operation ``name`` (e.g. ``"track_system_rays"``) run the compiled kernel:
+    the backend is ``"cuda"`` (see :func:`backend`) and the loaded extension exports it (an extension built before an
+    optional kernel existed lacks it; that operation then runs through PyTorch)."""
+    return backend() == "cuda" and _ext.has(name)
 
 
 def backend() -> str:
@@ -335,3 +348,87 @@ def gauss_newton_points(Twc: Tensor, Xs: Tensor, Cs: Tensor, ii: Tensor, jj: Ten
         def blocks(T):
             return gn_blocks_points_torch(T, **args)
     return gn_solve(Twc, ii, jj, blocks, int(max_iter), float(delta_thresh))
+
+
+# ----------------------------------------------------------------------------------------------- tracking (frame->kf)
+def _check_track_common(T: Tensor, Xf: Tensor, huber: float) -> int:
+    _check_tensor("T", T, (torch.float32,), 2)
+    _check_shape("T", T, (1, 8))
+    _check_tensor("Xf", Xf, (torch.float32,), 2)
+    if Xf.shape[1] != 3:
+        raise ValueError(f"Xf must be [N,3], got {tuple(Xf.shape)}")
+    if not float(huber) > 0:
+        raise ValueError(f"huber must be > 0, got {huber}")
+    return int(Xf.shape[0])
+
+
+def track_system_rays(T: Tensor, Xf: Tensor, Xk: Tensor, sqrt_info: Tensor, huber: float) -> Tensor:
+    """IRLS normal equations of the ray + distance tracking cost at ``T`` (spec §5.2, §5.4), reduced on the device.
+
+    Residual per pixel ``r = rd(Xk) − rd(T·Xf)``, ``rd(X) = [X/|X|, |X|]`` (4 rows), Jacobian ``J = ∂r/∂ξ`` for the left
+    perturbation ``Exp(ξ)·T`` (tangent τ, ω, σ), ``s = sqrt_info·sqrt(huber_weight(sqrt_info·r, huber))``,
+    ``A = s⊙J``, ``b = s⊙r`` (per-row terms in float32, products and sums in float64).
+
+    Args:
+        T: ``[1,8]`` float32 Sim(3) data ``[tx,ty,tz,qx,qy,qz,qw,s]`` (frame -> keyframe), on the points' device.
+        Xf: ``[N,3]`` float32 frame points (frame camera frame) gathered at each keyframe pixel's match.
+        Xk: ``[N,3]`` float32 keyframe points (keyframe camera frame).
+        sqrt_info: ``[N,4]`` float32 square-root information per residual row (0 = row unused).
+        huber: Huber threshold (> 0) on the whitened residual.
+    Returns:
+        ``[58]`` float64 on the input device: ``H = AᵀA`` (49, row-major), ``Aᵀb`` (7), ``bᵀb`` (1), number of pixels
+        with non-zero weight (1). No host synchronization (CUDA-graph capturable on the CUDA path).
+    Raises:
+        TypeError / ValueError: wrong type, dtype, shape or device.
+    """
+    N = _check_track_common(T, Xf, huber)
+    _check_tensor("Xk", Xk, (torch.float32,), 2)
+    _check_shape("Xk", Xk, (N, 3))
+    _check_tensor("sqrt_info", sqrt_info, (torch.float32,), 2)
+    _check_shape("sqrt_info", sqrt_info, (N, 4))
+    _check_same_device(T=T, Xf=Xf, Xk=Xk, sqrt_info=sqrt_info)
+    if _use_cuda(T) and _ext.has("track_system_rays"):
+        ext = _ext.load()
+        return ext.track_system_rays(*_contig(T, Xf, Xk, sqrt_info), float(huber))
+    return track_system_rays_torch(T, Xf, Xk, sqrt_info, float(huber))
+
+
+def track_system_calib(T: Tensor, Xf: Tensor, meas_k: Tensor, static: Tensor, sq: Tensor, base: Tensor, K: Tensor,
+                       img_size: tuple[int, int], pixel_border: float, z_eps: float, huber: float) -> Tensor:
+    """IRLS normal equations of the calibrated pixel + log-depth tracking cost at ``T`` (spec §5.3, §5.4).
+
+    Per pixel ``P = T·Xf``, ``r = meas_k − [fx x/z + cx, fy y/z + cy, log z]`` (3 rows; ``z`` replaced by 1 and
+    ``log z`` by 0 where ``z ≤ z_eps``), ``sqrt_info = (static ∧ valid_proj)·sq·base`` with ``valid_proj``: ``z > z_eps``
+    and ``(u, v)`` inside ``(b, W−1−b) × (b, H−1−b)``, ``b = pixel_border``; then as :func:`track_system_rays`.
+
+    Args:
+        T: ``[1,8]`` float32 Sim(3) data (frame -> keyframe).
+        Xf: ``[N,3]`` float32 ray-constrained frame points. meas_k: ``[N,3]`` float32 ``(u, v, log z)`` per keyframe
+            pixel. static: ``[N,1]`` bool (valid match ∧ valid keyframe depth). sq: ``[N,1]`` float32 ``sqrt(Q)``.
+            base: ``[3]`` float32 ``[1/σ_pix, 1/σ_pix, 1/σ_depth]``. K: ``[3,3]`` float32 intrinsics (pixels); all
+            on one device (K and base are read on the device: no host copy).
+        img_size: ``(H, W)`` of the network image. pixel_border: ``b`` (−10 = 10 px outside allowed). z_eps: min
+            depth. huber: Huber threshold (> 0).
+    Returns / Raises: as :func:`track_system_rays`.
+    """
+    N = _check_track_common(T, Xf, huber)
+    _check_tensor("meas_k", meas_k, (torch.float32,), 2)
+    _check_shape("meas_k", meas_k, (N, 3))
+    _check_tensor("static", static, (torch.bool,), 2)
+    _check_shape("static", static, (N, 1))
+    _check_tensor("sq", sq, (torch.float32,), 2)
+    _check_shape("sq", sq, (N, 1))
+    _check_tensor("base", base, (torch.float32,), 1)
+    _check_shape("base", base, (3,))
+    _check_tensor("K", K, (torch.float32,), 2)
+    _check_shape("K", K, (3, 3))
+    _check_same_device(T=T, Xf=Xf, meas_k=meas_k, static=static, sq=sq, base=base, K=K)
+    H, W = int(img_size[0]), int(img_size[1])
+    if H <= 0 or W <= 0:
+        raise ValueError(f"img_size must be positive (H, W), got {img_size}")
+    if _use_cuda(T) and _ext.has("track_system_calib"):
+        ext = _ext.load()
+        return ext.track_system_calib(*_contig(T, Xf, meas_k, static, sq, base, K), H, W, float(pixel_border),
+                                      float(z_eps), float(huber))
+    return track_system_calib_torch(T, Xf, meas_k, static, sq, base, K, (H, W), float(pixel_border), float(z_eps),
+                                    float(huber))

@@ -15,6 +15,10 @@ _ERROR = ""
 #: functions the extension must export (see csrc/bindings.cpp)
 REQUIRED = ("iter_proj", "refine_matches", "gn_rays_blocks", "gn_calib_blocks", "gn_points_blocks")
 
+#: functions added later (csrc/track_kernels.cu); an extension built before them still loads, and the dispatch falls
+#: back to PyTorch for each one that is missing (:func:`has`)
+OPTIONAL = ("track_system_rays", "track_system_calib")
+
 
 def load() -> ModuleType | None:
     """Return the extension module, or ``None`` if it is not built / cannot be loaded / CUDA is unavailable."""
@@ -43,3 +47,9 @@ def load() -> ModuleType | None:
 def load_error() -> str:
     """Why the extension is not available ("" if it loaded or was not tried yet)."""
     return _ERROR
+
+
+def has(name: str) -> bool:
+    """True if the extension loaded and exports ``name`` (for the :data:`OPTIONAL` functions)."""
+    mod = load()
+    return mod is not None and hasattr(mod, name)

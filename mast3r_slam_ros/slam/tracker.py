@@ -18,6 +18,7 @@ Cholesky (failure -> relocalization), convergence when the relative cost decreas
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mast3r_slam_ros import geometry
+from mast3r_slam_ros import geometry, kernels
+from mast3r_slam_ros.kernels.track_torch import (_skew, calib_residual, huber_weight, normal_equations,  # noqa: F401
+                                                 point_jacobian, ray_dist_residual, track_system_calib_torch,
+                                                 track_system_rays_torch)
 from mast3r_slam_ros.lie import Sim3
 from mast3r_slam_ros.slam.frame import Frame
 from mast3r_slam_ros.slam.keyframes import KeyframeStore
@@ -82,24 +86,7 @@ class PoseResult:
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
-def huber_weight(x: Tensor, k: float) -> Tensor:
-    """IRLS Huber weight, elementwise: 1 if ``|x| < k`` else ``k/|x|`` (spec §5.4)."""
-    a = x.abs()
-    return torch.where(a < k, torch.ones_like(a), k / a.clamp_min(1e-30))
-
-
-def _skew(v: Tensor) -> Tensor:
-    """``[N,3] -> [N,3,3]`` cross-product matrices."""
-    z = torch.zeros_like(v[..., 0])
-    x, y, w = v[..., 0], v[..., 1], v[..., 2]
-    return torch.stack([torch.stack([z, -w, y], -1), torch.stack([w, z, -x], -1), torch.stack([-y, x, z], -1)], -2)
-
-
-def point_jacobian(P: Tensor) -> Tensor:
-    """``∂(Exp(ξ)·T·p)/∂ξ`` at ``ξ = 0`` for transformed points ``P = T·p`` ``[N,3]`` -> ``[N,3,7]`` = ``[I, −[P]×, P]``
-    (tangent order τ, ω, σ; spec §9.1 ``act_jacobian``)."""
-    eye = torch.eye(3, dtype=P.dtype, device=P.device).expand(P.shape[0], 3, 3)
-    return torch.cat([eye, -_skew(P), P.unsqueeze(-1)], dim=-1)
+# huber_weight, point_jacobian, ray_dist_residual, calib_residual: kernels/track_torch.py (re-exported here)
 
 
 def solve_step(J: Tensor, r: Tensor, sqrt_info: Tensor, huber: float) -> tuple[Tensor, float]:
@@ -154,50 +141,29 @@ def _gn_loop(T: Sim3, linearize, p: TrackingParams) -> PoseResult:
     return PoseResult(T=T, iterations=it, converged=conv, cost=cost, n_valid=n_valid)
 
 
-def _normal_equations(J: Tensor, r: Tensor, sqrt_info: Tensor, huber: float) -> Tensor:
-    """IRLS normal equations of :func:`solve_step` reduced on the device, packed for one device-to-host copy:
-    ``[58]`` float64 = ``H = AᵀA`` (49, row-major), ``Aᵀb`` (7), ``bᵀb`` (1), number of rows with non-zero weight (1)."""
-    w = huber_weight(sqrt_info * r, huber)
-    s = sqrt_info * torch.sqrt(w)
-    A = (s.unsqueeze(-1) * J).reshape(-1, 7).double()
-    b = (s * r).reshape(-1, 1).double()
-    n_valid = (sqrt_info.abs().sum(-1) > 0).sum().double()
-    return torch.cat([(A.T @ A).reshape(-1), (A.T @ b).reshape(-1), (b * b).sum().reshape(1), n_valid.reshape(1)])
+_normal_equations = normal_equations
+_ray_dist_system = track_system_rays_torch
+_calib_system = track_system_calib_torch
 
 
-def _ray_dist_system(Tdata: Tensor, Xf: Tensor, Xk: Tensor, sqrt_info: Tensor, huber: float) -> Tensor:
-    r, J = ray_dist_residual(Sim3(Tdata), Xf, Xk)
-    return _normal_equations(J, r, sqrt_info, huber)
+def _host_gn_loop(system, T_host: Tensor, device: torch.device, p: TrackingParams) -> PoseResult:
+    """Gauss–Newton loop with the linearization on ``device`` and the 7×7 solve on the CPU (same steps, tests and
+    errors as :func:`_gn_loop`).
 
+    Args:
+        system: ``Tdev [1,8] f32 -> packed [58] f64`` on ``device`` (layout of :func:`normal_equations`); must not
+            synchronize with the host.
+        T_host: ``[1,8]`` float32 CPU start pose. device: where ``system`` runs. p: tracking parameters.
+    Returns: :class:`PoseResult` with ``T`` on ``device`` (uploaded without a host sync).
 
-def _calib_system(Tdata: Tensor, Xf: Tensor, meas_k: Tensor, static: Tensor, sq: Tensor, base: Tensor, K: Tensor,
-                  img_size: tuple[int, int], pixel_border: float, z_eps: float, huber: float) -> Tensor:
-    r, J, valid_proj = calib_residual(Sim3(Tdata), Xf, meas_k, K, img_size, pixel_border, z_eps)
-    return _normal_equations(J, r, (static & valid_proj).float() * sq * base, huber)
-
-
-def _graphed_gn_loop(key: tuple, system_fn, tensors: list[Tensor], T: Sim3, p: TrackingParams) -> PoseResult | None:
-    """The Gauss–Newton loop of :func:`_gn_loop` with the linearization + normal equations replayed from a CUDA graph
-    (fixed ``N``; ``network.graphs.graphed_function``), one device-to-host copy per iteration, the 7×7 Cholesky and
-    the retraction on the CPU. Same steps, tests and errors as :func:`_gn_loop`. Returns None (caller runs the eager
-    loop) for CPU tensors, without CUDA graphs (``MAST3R_SLAM_ROS_CUDA_GRAPHS=0``) or if the capture failed.
-
-    Why: one linearization is ~100 small kernels on ``HW`` rows; launched eagerly from Python the tracking solve was
-    CPU-bound (docs/performance.md).
+    Host syncs: exactly one per iteration (the ``.cpu()`` of the 58 values); the pose travels host -> device with a
+    non-blocking copy and the Cholesky + retraction run on the CPU copy of the pose.
     """
-    if T.data.shape != (1, 8) or not T.data.is_cuda:
-        return None
-    from mast3r_slam_ros.network.graphs import graphed_function
-
-    Tdev = T.data.detach().contiguous()
-    graph = graphed_function(key, system_fn, [Tdev, *tensors])
-    if graph is None:
-        return None
-    Tc = Sim3(T.data.detach().to("cpu"))
+    Tc = Sim3(T_host)
     old_cost = math.inf
     it, conv, cost, n_valid = 0, False, math.inf, 0
     for step in range(int(p.max_iters)):
-        packed = graph(Tc.data.to(Tdev.device, non_blocking=True), *tensors).cpu()
+        packed = system(Tc.data.to(device, non_blocking=True)).cpu()
         cost, n_valid = 0.5 * float(packed[56]), int(packed[57])
         H, g = packed[:49].reshape(7, 7), -packed[49:56].reshape(7, 1)
         L, info = torch.linalg.cholesky_ex(H)
@@ -215,58 +181,46 @@ def _graphed_gn_loop(key: tuple, system_fn, tensors: list[Tensor], T: Sim3, p: T
             conv = True
             break
         old_cost = cost
-    return PoseResult(T=Sim3(Tc.data.to(T.data.device)), iterations=it, converged=conv, cost=cost, n_valid=n_valid)
+    return PoseResult(T=Sim3(Tc.data.to(device, non_blocking=True)), iterations=it, converged=conv, cost=cost,
+                      n_valid=n_valid)
+
+
+def _graphed_gn_loop(key: tuple, system_fn, tensors: list[Tensor], T: Sim3, p: TrackingParams,
+                     fused: tuple[str, Any] | None = None) -> PoseResult | None:
+    """Device Gauss–Newton loop (:func:`_host_gn_loop`) for CUDA tensors: the linearization + normal equations run as
+    the fused CUDA kernel when ``fused = (op, fn)`` is given and the CUDA kernel backend provides ``op``
+    (``kernels.cuda_op_available``; ``fn(Tdev, *tensors)`` calls ``kernels.track_system_rays``/``track_system_calib``),
+    else ``system_fn`` replayed from a CUDA graph (fixed ``N``;
+    ``network.graphs.graphed_function``). Returns None (caller runs the eager loop) for CPU tensors, or when neither
+    the kernel nor a graph is available (``MAST3R_SLAM_ROS_CUDA_GRAPHS=0``, capture failed).
+
+    ``T`` may be on the CPU (no sync; the tracker passes the pose it read back with its frame statistics) or on the
+    device (one extra device-to-host copy). The result's pose is on the tensors' device.
+
+    Why: one linearization is ~100 small kernels on ``HW`` rows; launched eagerly from Python the tracking solve was
+    CPU-bound (docs/performance.md); the fused kernel is one pass over the rows plus a tiny reduction.
+    """
+    device = tensors[0].device
+    if tuple(T.data.shape) != (1, 8) or device.type != "cuda":
+        return None
+    T_host = T.data.detach().to("cpu", torch.float32)
+    if fused is not None and kernels.cuda_op_available(fused[0]):
+        fn = fused[1]
+        return _host_gn_loop(lambda Td: fn(Td, *tensors), T_host, device, p)
+    from mast3r_slam_ros.network.graphs import graphed_function
+
+    graph = graphed_function(key, system_fn, [T_host.to(device), *tensors])
+    if graph is None:
+        return None
+    return _host_gn_loop(lambda Td: graph(Td, *tensors), T_host, device, p)
+
+
+def _to_device(values: list[float], like: Tensor) -> Tensor:
+    """Small float32 constant on ``like``'s device without a host sync (``torch.tensor(..., device=cuda)`` blocks)."""
+    return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------- the two cost types
-def ray_dist_residual(T: Sim3, Xf: Tensor, Xk: Tensor) -> tuple[Tensor, Tensor]:
-    """Ray + distance residual and Jacobian (spec §5.2).
-
-    Args: T ``Sim3 [1]`` (frame -> keyframe), Xf ``[N,3]``, Xk ``[N,3]``.
-    Returns: ``r [N,4] = rd(Xk) − rd(T·Xf)`` with ``rd(X) = [X/|X|, |X|]`` and ``J [N,4,7] = ∂r/∂ξ`` for the left
-    perturbation ``Exp(ξ)·T`` (tangent τ, ω, σ).
-    """
-    dk = torch.linalg.norm(Xk, dim=-1, keepdim=True)
-    rd_k = torch.cat([Xk / dk.clamp_min(1e-12), dk], dim=-1)
-    P = T.act(Xf)
-    d = torch.linalg.norm(P, dim=-1, keepdim=True).clamp_min(1e-12)
-    ray = P / d
-    r = rd_k - torch.cat([ray, d], dim=-1)
-    eye = torch.eye(3, dtype=P.dtype, device=P.device)
-    dray = (eye - ray.unsqueeze(-1) * ray.unsqueeze(-2)) / d.unsqueeze(-1)  # [N,3,3]
-    drd = torch.cat([dray, ray.unsqueeze(-2)], dim=-2)  # [N,4,3]
-    return r, -(drd @ point_jacobian(P))
-
-
-def calib_residual(T: Sim3, Xf: Tensor, meas_k: Tensor, K: Tensor, img_size: tuple[int, int], pixel_border: float,
-                   z_eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Pixel + log-depth residual and Jacobian (spec §5.3).
-
-    Args: T ``Sim3 [1]``, Xf ``[N,3]`` (ray-constrained frame points), meas_k ``[N,3]`` ``(u, v, log z)``, K ``[3,3]``,
-    img_size ``(H, W)``, pixel_border (−10: projections may fall 10 px outside), z_eps (min depth).
-    Returns: ``r [N,3] = meas_k − [fx x/z + cx, fy y/z + cy, log z]`` (log z := 0 where z ≤ z_eps), ``J [N,3,7] = ∂r/∂ξ``
-    and ``valid_proj [N,1]`` bool (inside the border-extended image and z > z_eps).
-    """
-    H, W = int(img_size[0]), int(img_size[1])
-    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
-    b = float(pixel_border)
-    P = T.act(Xf)
-    x, y, z = P[:, 0:1], P[:, 1:2], P[:, 2:3]
-    zpos = z > z_eps
-    zs = torch.where(zpos, z, torch.ones_like(z))
-    u = fx * x / zs + cx
-    v = fy * y / zs + cy
-    logz = torch.where(zpos, torch.log(zs), torch.zeros_like(z))
-    valid_proj = (u > b) & (u < W - 1 - b) & (v > b) & (v < H - 1 - b) & zpos
-    r = meas_k - torch.cat([u, v, logz], dim=-1)
-    zero = torch.zeros_like(x)
-    dpred = torch.stack([
-        torch.cat([fx / zs, zero, -fx * x / zs**2], -1),
-        torch.cat([zero, fy / zs, -fy * y / zs**2], -1),
-        torch.cat([zero, zero, 1 / zs], -1)], dim=-2)  # [N,3,3]
-    return r, -(dpred @ point_jacobian(P)), valid_proj
-
-
 def opt_pose_ray_dist_sim3(Xf: Tensor, Xk: Tensor, T_CkCf: Sim3, Qk: Tensor, valid: Tensor,
                            params: TrackingParams | None = None) -> PoseResult:
     """Uncalibrated ray + distance Sim(3) tracking (spec §5.2).
@@ -274,17 +228,17 @@ def opt_pose_ray_dist_sim3(Xf: Tensor, Xk: Tensor, T_CkCf: Sim3, Qk: Tensor, val
     Args:
         Xf: ``[N,3]`` frame canonical points gathered at the match of each keyframe pixel (frame camera coordinates).
         Xk: ``[N,3]`` keyframe canonical points (keyframe camera coordinates).
-        T_CkCf: initial ``Sim3 [1]`` frame -> keyframe pose.
+        T_CkCf: initial ``Sim3 [1]`` frame -> keyframe pose (on Xf's device, or on the CPU: no sync then).
         Qk: ``[N,1]`` match confidence; valid: ``[N,1]`` bool rows to use.
-    Returns: :class:`PoseResult` with the optimized ``T_CkCf``.
+    Returns: :class:`PoseResult` with the optimized ``T_CkCf`` on Xf's device.
     Raises: TrackingFailure (Cholesky failure / non-finite pose).
     """
     p = params or TrackingParams()
     Xf, Xk = Xf.float(), Xk.float()
     dk = torch.linalg.norm(Xk, dim=-1, keepdim=True)
-    base = torch.tensor([1 / p.sigma_ray] * 3 + [1 / p.sigma_dist], dtype=Xf.dtype, device=Xf.device)
+    base = _to_device([1 / p.sigma_ray] * 3 + [1 / p.sigma_dist], Xf)
     ok = valid.bool() & (dk > 0)
-    sqrt_info = ok.float() * torch.sqrt(Qk.clamp_min(0)) * base
+    sqrt_info = ok.float() * torch.sqrt(Qk.float().clamp_min(0)) * base
 
     def linearize(T: Sim3):
         r, J = ray_dist_residual(T, Xf, Xk)
@@ -292,10 +246,11 @@ def opt_pose_ray_dist_sim3(Xf: Tensor, Xk: Tensor, T_CkCf: Sim3, Qk: Tensor, val
 
     huber = float(p.huber)
     fast = _graphed_gn_loop(("track_ray", huber), functools.partial(_ray_dist_system, huber=huber),
-                            [Xf.contiguous(), Xk.contiguous(), sqrt_info.contiguous()], T_CkCf, p)
+                            [Xf.contiguous(), Xk.contiguous(), sqrt_info.contiguous()], T_CkCf, p,
+                            fused=("track_system_rays", functools.partial(kernels.track_system_rays, huber=huber)))
     if fast is not None:
         return fast
-    return _gn_loop(T_CkCf, linearize, p)
+    return _gn_loop(Sim3(T_CkCf.data.to(Xf.device)), linearize, p)
 
 
 def opt_pose_calib_sim3(Xf: Tensor, Xk: Tensor, T_CkCf: Sim3, Qk: Tensor, valid: Tensor, meas_k: Tensor,
@@ -306,17 +261,18 @@ def opt_pose_calib_sim3(Xf: Tensor, Xk: Tensor, T_CkCf: Sim3, Qk: Tensor, valid:
     Args:
         Xf: ``[N,3]`` ray-constrained frame points gathered at each keyframe pixel's match.
         Xk: ``[N,3]`` ray-constrained keyframe points (unused in the residual; measurements come from ``meas_k``).
-        T_CkCf: initial ``Sim3 [1]``; Qk ``[N,1]``; valid ``[N,1]`` bool.
+        T_CkCf: initial ``Sim3 [1]`` (on Xf's device or the CPU); Qk ``[N,1]``; valid ``[N,1]`` bool.
         meas_k: ``[N,3]`` ``(u, v, log z)`` of each keyframe pixel; valid_meas_k ``[N,1]`` bool (z > depth_eps).
         K: ``[3,3]`` intrinsics of the network image (pixels); img_size ``(H, W)``.
-    Returns: :class:`PoseResult`. Raises: TrackingFailure.
+    Returns: :class:`PoseResult` (pose on Xf's device). Raises: TrackingFailure.
     """
     p = params or TrackingParams()
     Xf = Xf.float()
-    K = K.to(Xf.device, Xf.dtype)
-    base = torch.tensor([1 / p.sigma_pixel] * 2 + [1 / p.sigma_depth], dtype=Xf.dtype, device=Xf.device)
+    K = K.to(Xf.device, Xf.dtype, non_blocking=True)
+    base = _to_device([1 / p.sigma_pixel] * 2 + [1 / p.sigma_depth], Xf)
     static = valid.bool() & valid_meas_k.bool()
-    sq = torch.sqrt(Qk.clamp_min(0))
+    sq = torch.sqrt(Qk.float().clamp_min(0))
+    meas_k = meas_k.float()
 
     def linearize(T: Sim3):
         r, J, valid_proj = calib_residual(T, Xf, meas_k, K, img_size, p.pixel_border, p.depth_eps)
@@ -326,11 +282,14 @@ def opt_pose_calib_sim3(Xf: Tensor, Xk: Tensor, T_CkCf: Sim3, Qk: Tensor, valid:
     huber, border, eps = float(p.huber), float(p.pixel_border), float(p.depth_eps)
     fast = _graphed_gn_loop(("track_calib", hw, border, eps, huber),
                             functools.partial(_calib_system, img_size=hw, pixel_border=border, z_eps=eps, huber=huber),
-                            [Xf.contiguous(), meas_k.float().contiguous(), static.contiguous(), sq.contiguous(), base,
-                             K.contiguous()], T_CkCf, p)
+                            [Xf.contiguous(), meas_k.contiguous(), static.contiguous(), sq.contiguous(), base,
+                             K.contiguous()], T_CkCf, p,
+                            fused=("track_system_calib",
+                                   functools.partial(kernels.track_system_calib, img_size=hw, pixel_border=border,
+                                                     z_eps=eps, huber=huber)))
     if fast is not None:
         return fast
-    return _gn_loop(T_CkCf, linearize, p)
+    return _gn_loop(Sim3(T_CkCf.data.to(Xf.device)), linearize, p)
 
 
 def calib_measurements(Xk: Tensor, img_size: tuple[int, int], depth_eps: float) -> tuple[Tensor, Tensor]:
@@ -345,6 +304,31 @@ def calib_measurements(Xk: Tensor, img_size: tuple[int, int], depth_eps: float) 
     return meas, valid
 
 
+def keyframe_counts(valid_match_k: Tensor, Qk: Tensor, idx_f2k: Tensor, Q_conf: float) -> Tensor:
+    """Numerators of the keyframe rule (spec §5.7), computed on the tensors' device without a host sync.
+
+    Args: valid_match_k ``[HW,1]`` bool, Qk ``[HW,1]``, idx_f2k ``[HW]`` int64 (frame pixel of each keyframe pixel),
+    Q_conf.
+    Returns: ``[2]`` int64 = ``(|valid ∧ Qk > Q_conf|, number of distinct frame pixels idx_f2k[valid])``. The distinct
+    count scatters ``True`` into a ``[HW+1]`` buffer at ``where(valid, idx, HW)`` and counts the first HW entries
+    (no ``torch.unique``, no boolean indexing: fixed shapes, no sync); indices outside ``[0, HW)`` are not counted.
+    """
+    hw = idx_f2k.numel()
+    valid = valid_match_k.reshape(-1).bool()
+    n_match = (valid & (Qk.reshape(-1) > Q_conf)).sum()
+    idx = idx_f2k.reshape(-1).long()
+    use = valid & (idx >= 0) & (idx < hw)
+    hit = torch.zeros(hw + 1, dtype=torch.bool, device=idx.device)
+    hit.index_fill_(0, torch.where(use, idx, torch.full_like(idx, hw)), True)
+    return torch.stack([n_match, hit[:hw].sum()])
+
+
+def _keyframe_rule(n_match: int, n_unique: int, hw: int, match_frac_thresh: float) -> tuple[bool, float, float]:
+    match_frac = float(n_match) / hw
+    unique_frac = float(n_unique) / hw
+    return min(match_frac, unique_frac) < match_frac_thresh, match_frac, unique_frac
+
+
 def keyframe_decision(valid_match_k: Tensor, Qk: Tensor, idx_f2k: Tensor, Q_conf: float, match_frac_thresh: float
                       ) -> tuple[bool, float, float]:
     """Keyframe rule of spec §5.7.
@@ -352,13 +336,46 @@ def keyframe_decision(valid_match_k: Tensor, Qk: Tensor, idx_f2k: Tensor, Q_conf
     Args: valid_match_k ``[HW,1]`` bool, Qk ``[HW,1]``, idx_f2k ``[HW]`` int64 (frame pixel of each keyframe pixel),
     Q_conf (1.5), match_frac_thresh (0.333).
     Returns: ``(new_kf, match_frac_k, unique_frac_f)`` with ``match_frac_k = |valid ∧ Qk > Q_conf| / HW``,
-    ``unique_frac_f = |unique(idx_f2k[valid])| / HW`` and ``new_kf = min(both) < match_frac_thresh``.
+    ``unique_frac_f = |unique(idx_f2k[valid])| / HW`` and ``new_kf = min(both) < match_frac_thresh`` (counts by
+    :func:`keyframe_counts`, one device-to-host copy).
     """
-    hw = idx_f2k.numel()
-    valid = valid_match_k.reshape(-1).bool()
-    match_frac = float((valid & (Qk.reshape(-1) > Q_conf)).sum()) / hw
-    unique_frac = float(torch.unique(idx_f2k.reshape(-1)[valid]).numel()) / hw
-    return min(match_frac, unique_frac) < match_frac_thresh, match_frac, unique_frac
+    n_match, n_unique = keyframe_counts(valid_match_k, Qk, idx_f2k, Q_conf).tolist()
+    return _keyframe_rule(n_match, n_unique, idx_f2k.numel(), match_frac_thresh)
+
+
+def frame_statistics(valid_opt: Tensor, valid_match_k: Tensor, Qk: Tensor, idx_f2k: Tensor, Q_conf: float,
+                     outputs: tuple[Tensor, ...], T0: Tensor) -> Tensor:
+    """Everything the tracker needs on the host before its Gauss–Newton loop, packed for ONE device-to-host copy.
+
+    Args: valid_opt ``[HW,1]`` bool (rows used by the optimizer); valid_match_k, Qk, idx_f2k, Q_conf as
+    :func:`keyframe_counts`; outputs: network outputs whose finiteness is checked (Xff, Cff, Xkf, Ckf); T0 ``[1,8]``
+    start pose.
+    Returns: ``[4 + 8]`` float64 on the device: ``|valid_opt|``, ``|valid ∧ Qk > Q_conf|``, distinct frame pixels,
+    1.0 if every output is finite else 0.0, then ``T0`` (counts < 2^53 and float32 poses are exact in float64).
+    """
+    counts = keyframe_counts(valid_match_k, Qk, idx_f2k, Q_conf)
+    finite = torch.stack([torch.isfinite(t).all() for t in outputs]).all()
+    return torch.cat([valid_opt.sum().reshape(1).double(), counts.double(), finite.double().reshape(1),
+                      T0.reshape(-1).double()])
+
+
+_POINTMAP_STATE = ("X_canon", "C", "N", "N_updates", "score")
+
+
+@functools.lru_cache(maxsize=None)
+def _has_check_finite(cls: type) -> bool:
+    """Whether ``cls.update_pointmap`` takes ``check_finite`` (then the tracker checks finiteness itself, no sync)."""
+    try:
+        return "check_finite" in inspect.signature(cls.update_pointmap).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
+def _update_pointmap(frame: Any, X: Tensor, C: Tensor, p: TrackingParams) -> None:
+    if _has_check_finite(type(frame)):
+        frame.update_pointmap(X, C, p.filtering_mode, p.filtering_score, check_finite=False)
+    else:
+        frame.update_pointmap(X, C, p.filtering_mode, p.filtering_score)
 
 
 # ----------------------------------------------------------------------------------------------------- the tracker
@@ -403,17 +420,29 @@ class FrameTracker:
         self.match_params = MatchParams.from_config(cfg)
         self.params = TrackingParams.from_config(cfg)
         self.idx_f2k: Tensor | None = None
+        self._K_dev: dict[str, Tensor] = {}
 
     def reset_idx_f2k(self) -> None:
         """Forget the matching warm start (after a new keyframe)."""
         self.idx_f2k = None
 
+    def _K_on(self, device: torch.device) -> Tensor:
+        """The intrinsics as float32 on ``device``, copied once (a blocking upload per frame would be a host sync)."""
+        key = str(device)
+        if key not in self._K_dev:
+            self._K_dev[key] = self.K.to(device, torch.float32)
+        return self._K_dev[key]
+
     def track(self, frame: Frame) -> TrackOutcome:
         """Track ``frame`` against the last keyframe: match, optimize ``T_CkCf``, fuse, decide keyframe (spec §5.1).
 
         On success ``frame.T_WC`` is updated, ``frame.X_canon`` is the frame-anchored pointmap ``Xff`` and the keyframe's
-        pointmap absorbs ``T_CkCf·Xkf``. On failure (too few valid matches, Cholesky failure) nothing but the frame's own
-        pointmap changes and ``try_reloc`` is True.
+        pointmap absorbs ``T_CkCf·Xkf``. On failure (too few valid matches, Cholesky failure, non-finite network
+        output) ``try_reloc`` is True and nothing but the frame's own pointmap changes (for non-finite network output
+        not even that: its previous pointmap state is restored).
+
+        Host syncs after matching (CUDA): one packed read of the frame statistics and the start pose
+        (:func:`frame_statistics`), then one per Gauss–Newton iteration; the fusion after the solve does not sync.
         """
         p = self.params
         with self.keyframes.lock:
@@ -424,32 +453,45 @@ class FrameTracker:
         self.idx_f2k = m.idx_f2k.clone().reshape(1, -1)
         H, W = frame.height, frame.width
         hw = H * W
-        frame.update_pointmap(m.Xff, m.Cff, p.filtering_mode, p.filtering_score)
+        saved = tuple(getattr(frame, k, None) for k in _POINTMAP_STATE)
+        try:
+            _update_pointmap(frame, m.Xff, m.Cff, p)
+        except ValueError as e:  # Frame.update_pointmap without check_finite raises on NaN/inf itself
+            return TrackOutcome(False, True, message=f"lost: network output rejected ({e})")
 
         idx = m.idx_f2k
         Xf_all, Cf_all = frame.X_canon, frame.average_conf()
         Xk, Ck = kf.X_canon, kf.average_conf()
         if self.use_calib:
-            K = self.K.to(Xk.device, torch.float32)
+            K = self._K_on(Xk.device)
             Xf_all = geometry.constrain_points_to_ray((H, W), Xf_all.unsqueeze(0), K)[0]
             Xk = geometry.constrain_points_to_ray((H, W), Xk.unsqueeze(0), K)[0]
         Xf = Xf_all[idx]
         Cf = Cf_all[idx]
         valid_opt = m.valid_match_k & (Cf > p.C_conf) & (Ck > p.C_conf) & (m.Qk > p.Q_conf)
-        valid_kf = m.valid_match_k & (m.Qk > p.Q_conf)
-        valid_frac = float(valid_opt.sum()) / hw
-        new_kf, match_frac, unique_frac = keyframe_decision(m.valid_match_k, m.Qk, idx, p.Q_conf,
-                                                            p.match_frac_thresh)
+        T0 = T_WCk.inv() * Sim3(frame.T_WC.data.to(T_WCk.data))
+        # the frame's single pre-solve host sync: counts, finiteness flag and start pose in one copy
+        stats = frame_statistics(valid_opt, m.valid_match_k, m.Qk, idx, p.Q_conf, (m.Xff, m.Cff, m.Xkf, m.Ckf),
+                                 T0.data).cpu()
+        n_opt, n_match, n_unique, finite = (int(v) for v in stats[:4].tolist())
+        if not finite:
+            for k, v in zip(_POINTMAP_STATE, saved):
+                setattr(frame, k, v)
+            return TrackOutcome(False, True, message="lost: the network returned NaN/inf in the frame or keyframe "
+                                                     "pointmap/confidence (Xff, Cff, Xkf, Ckf)")
+        valid_frac = float(n_opt) / hw
+        new_kf, match_frac, unique_frac = _keyframe_rule(n_match, n_unique, hw, p.match_frac_thresh)
         if valid_frac < p.min_match_frac:
             return TrackOutcome(False, True, match_frac, unique_frac, valid_frac,
                                 message=f"lost: only {valid_frac:.3f} of pixels matched (< {p.min_match_frac})")
-        T0 = T_WCk.inv() * Sim3(frame.T_WC.data.to(T_WCk.data))
+        T0_host = Sim3(stats[4:].to(T0.data.dtype).reshape(1, 8))
         try:
             if self.use_calib:
                 meas_k, valid_meas_k = calib_measurements(Xk, (H, W), p.depth_eps)
-                res = opt_pose_calib_sim3(Xf, Xk, T0, m.Qk, valid_opt, meas_k, valid_meas_k, self.K, (H, W), p)
+                res = opt_pose_calib_sim3(Xf, Xk, T0_host, m.Qk, valid_opt, meas_k, valid_meas_k,
+                                          self._K_on(Xk.device), (H, W), p)
             else:
-                res = opt_pose_ray_dist_sim3(Xf, Xk, T0, m.Qk, valid_opt, p)
+                res = opt_pose_ray_dist_sim3(Xf, Xk, T0_host, m.Qk, valid_opt, p)
         except TrackingFailure as e:
             return TrackOutcome(False, True, match_frac, unique_frac, valid_frac, message=f"lost: {e}")
         T_CkCf = res.T
@@ -458,7 +500,7 @@ class FrameTracker:
             T_WCk_now = self.keyframes[kf_idx].T_WC if kf_idx < len(self.keyframes) else T_WCk
             frame.T_WC = Sim3((Sim3(T_WCk_now.data.to(T_CkCf.data)) * T_CkCf).data.clone())
             Xkk = T_CkCf.act(m.Xkf)
-            kf.update_pointmap(Xkk, m.Ckf, p.filtering_mode, p.filtering_score)
+            _update_pointmap(kf, Xkk, m.Ckf, p)
             if kf_idx < len(self.keyframes) and self.keyframes[kf_idx] is kf:
                 self.keyframes.mark_dirty(kf_idx)
         if new_kf:
