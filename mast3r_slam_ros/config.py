@@ -139,6 +139,8 @@ class RuntimeConfig:
     device: str = "auto"  #: "auto" | "cuda" | "cuda:N" | "cpu"
     kernel_backend: Literal["auto", "cuda", "torch"] = "auto"  #: CUDA extension or PyTorch kernels
     precision: Literal["fp32", "tf32", "bf16", "fp16"] = "fp32"  #: network precision
+    #: dtype of the heads' DPT convolutions and local-feature MLP (final output conv and post-processing stay fp32)
+    head_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     max_keyframes: int = 2000  #: keyframe store capacity (KeyframeCapacityError beyond)
     img_size: Literal[512, 224] = 512  #: network image long side
     loop_closure: bool = True  #: retrieval-based loop-closure edges

@@ -109,6 +109,40 @@ def test_graphed_predictor_matches_eager_on_cuda():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_decoder_streams_graph_bit_identical_on_cuda(precision):
+    """Decoder branch 2 on a side stream (joined per layer) inside the graph == the sequential decoder graph == the
+    eager model, bit for bit (same kernels), with and without parallel heads and for the mono (need_res2=False)
+    decode."""
+    model = _model("cuda")
+    img1, img2, shape = _inputs("cuda")
+    model.set_precision(precision)
+    outs = {}
+    for ds in (False, True):
+        for ph in (False, True):
+            gp = GraphedPredictor(model, decoder_streams=ds, parallel_heads=ph)
+            f1, p1 = gp.encode(img1, shape)
+            f2, p2 = gp.encode(img2, shape)
+            for _ in range(2):  # capture, then replay
+                pair = gp.decode(f1, p1, f2, p2, shape)
+                mono = gp.decode(f1, p1, f1, p1, shape, need_res2=False, need_desc=False)
+            assert gp.stats.captured == 3 and not gp.stats.failed
+            outs[(ds, ph)] = (pair, mono)
+            gp.set_precision("fp32")  # undo the trunk cast before the next wrapper
+            model.set_precision(precision)
+    eager = model.decode(f1, p1, f2, p2, shape)
+    for key, (pair, mono) in outs.items():
+        ref_pair, ref_mono = outs[(False, False)]
+        for a, b in zip(pair, ref_pair):
+            _assert_same(a, b)
+        _assert_same(mono[0], ref_mono[0])
+        assert mono[1] is None
+        if precision == "tf32":  # bf16: the eager model autocasts float32 weights (same values, checked elsewhere)
+            for a, b in zip(pair, eager):
+                _assert_same(a, b)
+
+
+@pytest.mark.cuda
 def test_tracker_graphed_gn_matches_eager_on_cuda():
     (Xf, Xk, Q, valid), T_true = _tracking_problem("cuda")
     T0 = Sim3.identity(1, device="cuda")

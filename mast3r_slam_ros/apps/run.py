@@ -167,8 +167,9 @@ def _load_predictor(args: argparse.Namespace, cfg, device: str):
         raise RunError(f"checkpoint not found: {ckpt} (download the MASt3R checkpoint, pass its path with "
                        "--checkpoint, or write a test one with `mast3r-slam-ros make-test-checkpoint`)")
     precision = getattr(getattr(cfg, "runtime", None), "precision", "fp32")
+    head_precision = getattr(getattr(cfg, "runtime", None), "head_precision", "fp32")
     try:
-        return load_predictor(ckpt, device=device, precision=precision)
+        return load_predictor(ckpt, device=device, precision=precision, head_precision=head_precision)
     except FileNotFoundError as e:
         raise RunError(f"checkpoint not found: {e}") from e
     except ValueError as e:  # CheckpointError is a ValueError

@@ -22,6 +22,14 @@ dtype once, so no weight cast runs per call. Autocast casts those weights to the
 bit-identical to the autocast path with float32 weights; LayerNorms, RoPE tables (float32 angles) and the heads stay
 float32. Switching such a wrapper back to fp32/tf32 restores float32 weights from a CPU copy kept at cast time.
 
+Reduced-precision heads (``head_precision="bf16" | "fp16"``, ``runtime.head_precision``): the DPT convolutions and the
+local-feature MLP of both heads run in that dtype (weights stored once, channels-last), the final output convs and
+the post-processing stay float32 (``Mast3rModel.set_head_precision``). Not bit-identical to float32 heads; the
+deviation is measured by ``test/test_head_precision.py`` and ``bench/network.py``.
+
+Decoder streams (``decoder_streams``, default on): inside a captured decode the two decoder branches run on two
+streams with one join per layer (``Mast3rModel.decoder_tokens(side_stream=...)``); same kernels, same values.
+
 Concurrency: a lock serializes copy-in, replay and clone-out, so two executor threads (``executor: multi_threaded``)
 may share one wrapper. No thread is started here.
 """
@@ -38,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from .heads import HeadOutput
-from .precision import autocast_dtype, check_precision
+from .precision import autocast_dtype, check_head_precision, check_precision
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +136,14 @@ class GraphedPredictor:
             float32/TF32 head convolutions without layout transposes (values unchanged; H200: decode 9.82 -> 8.90 ms).
         parallel_heads: in captured decodes run head 2 on a second CUDA stream next to head 1 (the graph keeps the
             fork/join); same kernels and values, the two heads only overlap on the GPU.
+        head_precision: ``"fp32" | "bf16" | "fp16"`` for the heads' convolutions and MLP
+            (``Mast3rModel.set_head_precision``); None keeps the model's current setting.
+        decoder_streams: in captured decodes run decoder branch 2 on a second CUDA stream, joined once per layer
+            (same kernels and values as the sequential decoder).
 
     Raises:
         TypeError: ``model`` lacks ``encode``/``decode``.
+        ValueError: unknown ``head_precision``, or a reduced one for a model without ``set_head_precision``.
     """
 
     supports_partial_decode = True
@@ -138,7 +151,8 @@ class GraphedPredictor:
 
     def __init__(self, model: Any, enabled: bool | None = None, graph_batches: Sequence[int] = (1,),
                  max_graphs: int = 8, cast_trunk: bool = True, warmup: int = 2, cudnn_benchmark: bool = False,
-                 heads_channels_last: bool = True, parallel_heads: bool = True) -> None:
+                 heads_channels_last: bool = True, parallel_heads: bool = True, head_precision: str | None = None,
+                 decoder_streams: bool = True) -> None:
         if not (hasattr(model, "encode") and hasattr(model, "decode")):
             raise TypeError(f"model must have encode/decode, got {type(model).__name__}")
         self.model = model
@@ -150,7 +164,9 @@ class GraphedPredictor:
         self.cudnn_benchmark = bool(cudnn_benchmark)
         self.heads_channels_last = bool(heads_channels_last)
         self.parallel_heads = bool(parallel_heads)
+        self.decoder_streams = bool(decoder_streams)
         self._head_stream = None
+        self._decoder_stream = None
         if self.heads_channels_last:
             for h in ("downstream_head1", "downstream_head2"):
                 if hasattr(model, h):
@@ -162,6 +178,8 @@ class GraphedPredictor:
         self._lock = threading.Lock()
         self._fp32_trunk: dict[str, Tensor] | None = None
         self._apply_trunk_dtype(getattr(model, "precision", "fp32"))
+        if head_precision is not None:
+            self._apply_head_precision(head_precision)
 
     # ------------------------------------------------------------------ delegation
     def __getattr__(self, name: str) -> Any:
@@ -173,6 +191,25 @@ class GraphedPredictor:
     @property
     def precision(self) -> str:
         return self.model.precision
+
+    @property
+    def head_precision(self) -> str:
+        return getattr(self.model, "head_precision", "fp32")
+
+    def set_head_precision(self, head_precision: str) -> None:
+        """Switch the heads' compute precision (``"fp32" | "bf16" | "fp16"``); drops the captured graphs."""
+        with self._lock:
+            self._graphs.clear()
+            self._failed.clear()
+            self._apply_head_precision(head_precision)
+
+    def _apply_head_precision(self, head_precision: str) -> None:
+        p = check_head_precision(head_precision)
+        if not hasattr(self.model, "set_head_precision"):
+            if p != "fp32":
+                raise ValueError(f"head_precision={p!r} needs a model with set_head_precision (a Mast3rModel)")
+            return
+        self.model.set_head_precision(p)
 
     def set_precision(self, precision: str) -> None:
         """Switch the model's precision; drops captured graphs and re-casts the trunk weights if needed."""
@@ -293,36 +330,49 @@ class GraphedPredictor:
         hw = _shape_hw(true_shape)
         nd = (need_desc, need_desc) if isinstance(need_desc, bool) else tuple(bool(v) for v in need_desc)
         key = ("decode", tuple(feat1.shape), tuple(feat2.shape), str(feat1.dtype), hw, bool(need_res2), nd,
-               self.model.precision)
+               self.model.precision, self.head_precision)
         if not self._use_graph(key, tensors):
             self.stats.eager += 1
             return self.model.decode(feat1, pos1, feat2, pos2, true_shape, **kw)
-        if self.parallel_heads and need_res2 and all(hasattr(self.model, n) for n in
-                                                      ("decoder_tokens", "downstream_head1", "downstream_head2")):
-            fn = lambda f1, p1, f2, p2: self._decode_parallel_heads(f1, p1, f2, p2, hw, nd)  # noqa: E731
+        split = all(hasattr(self.model, n) for n in ("decoder_tokens", "downstream_head1", "downstream_head2"))
+        par_heads = self.parallel_heads and need_res2 and split
+        dec_streams = self.decoder_streams and split
+        if par_heads or dec_streams:
+            fn = lambda f1, p1, f2, p2: self._decode_streams(f1, p1, f2, p2, hw, nd, need_res2,  # noqa: E731
+                                                             par_heads, dec_streams)
         else:
             fn = lambda f1, p1, f2, p2: self.model.decode(f1, p1, f2, p2, hw, **kw)  # noqa: E731
-        return self._run(key + (self.parallel_heads,), fn, tensors)
+        return self._run(key + (par_heads, dec_streams), fn, tensors)
 
-    def _decode_parallel_heads(self, feat1: Tensor, pos1: Tensor, feat2: Tensor, pos2: Tensor, hw: tuple[int, int],
-                               nd: tuple[bool, bool]) -> tuple[HeadOutput, HeadOutput]:
-        """``Mast3rModel.decode`` (both heads) with head 2 on a side stream; CUDA tensors only."""
+    def _decode_streams(self, feat1: Tensor, pos1: Tensor, feat2: Tensor, pos2: Tensor, hw: tuple[int, int],
+                        nd: tuple[bool, bool], need_res2: bool, parallel_heads: bool, decoder_streams: bool
+                        ) -> tuple[HeadOutput, HeadOutput | None]:
+        """``Mast3rModel.decode`` with decoder branch 2 (``decoder_streams``) and/or head 2 (``parallel_heads``) on
+        side streams; the same kernels as the sequential decode. CUDA tensors only (used under graph capture)."""
         from .precision import precision_context
 
         m = self.model
         dev = feat1.device.type
         if self._head_stream is None:
             self._head_stream = torch.cuda.Stream(device=feat1.device)
+        if self._decoder_stream is None:
+            self._decoder_stream = torch.cuda.Stream(device=feat1.device)
         main, side = torch.cuda.current_stream(feat1.device), self._head_stream
         with torch.no_grad():
             with precision_context(m.precision, dev, "trunk"):
-                dec1, dec2 = m.decoder_tokens(feat1, pos1, feat2, pos2)
-            side.wait_stream(main)
+                dec1, dec2 = m.decoder_tokens(feat1, pos1, feat2, pos2,
+                                              side_stream=self._decoder_stream if decoder_streams else None)
             with precision_context(m.precision, dev, "head"):
-                with torch.cuda.stream(side):
-                    res2 = m.downstream_head2([t.float() for t in dec2], hw, need_desc=nd[1])
+                res2 = None
+                if parallel_heads:
+                    side.wait_stream(main)
+                    with torch.cuda.stream(side):
+                        res2 = m.downstream_head2([t.float() for t in dec2], hw, need_desc=nd[1])
                 res1 = m.downstream_head1([t.float() for t in dec1], hw, need_desc=nd[0])
-            main.wait_stream(side)
+                if parallel_heads:
+                    main.wait_stream(side)
+                elif need_res2:
+                    res2 = m.downstream_head2([t.float() for t in dec2], hw, need_desc=nd[1])
         return res1, res2
 
     def forward(self, img1: Tensor, img2: Tensor, true_shape: Tensor | Sequence[int] | None = None):
@@ -401,19 +451,23 @@ def graphed_function(key: tuple, fn: Callable[..., Any], inputs: Sequence[Tensor
 
 
 def load_predictor(path_or_repo_id: str | None = None, device: str | torch.device = "cuda", precision: str = "fp32",
-                   cuda_graphs: bool = True) -> Any:
+                   cuda_graphs: bool = True, head_precision: str = "fp32") -> Any:
     """Load MASt3R (:func:`~mast3r_slam_ros.network.loader.load_model`) and wrap it for SLAM inference.
 
     On a CUDA device with graphs available (:func:`graphs_available`) and ``cuda_graphs`` true, returns a
     :class:`GraphedPredictor` (replayed encode/decode, see docs/performance.md); otherwise the eager model. Both
     implement the Predictor API of docs/interfaces.md, so callers do not need to know which one they got.
+    ``head_precision`` (``"fp32" | "bf16" | "fp16"``) is applied to both (``Mast3rModel.set_head_precision``).
 
     Raises:
-        FileNotFoundError / ValueError: from ``load_model`` (missing file, offline download, wrong architecture).
+        FileNotFoundError / ValueError: from ``load_model`` (missing file, offline download, wrong architecture);
+        ValueError for an unknown ``head_precision`` (checked before loading).
     """
     from .loader import DEFAULT_REPO_ID, load_model
 
+    hp = check_head_precision(head_precision)
     model = load_model(path_or_repo_id or DEFAULT_REPO_ID, device=device, precision=precision)
     if cuda_graphs and graphs_available(device):
-        return GraphedPredictor(model)
+        return GraphedPredictor(model, head_precision=hp)
+    model.set_head_precision(hp)
     return model

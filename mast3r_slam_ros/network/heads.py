@@ -2,6 +2,13 @@
 
 Spec ``mast3r_network.md`` §3.5. Parameter names follow the official checkpoint, including the aliased
 ``dpt.scratch.layer_rn.{0..3}`` (the same conv modules as ``layer{1..4}_rn``).
+
+Compute dtype: a head runs its DPT convolutions (``act_postprocess``, ``scratch``, ``head[0..3]``) and its local-feature
+MLP in the dtype of their stored weights: float32 normally (upstream), bfloat16/float16 after
+:func:`cast_head_` (``runtime.head_precision``). The input tokens are cast to that dtype on entry; the final 1x1 output
+conv ``dpt.head[4]`` and the post-processing (``expm1`` depth, ``1 + exp`` confidences, descriptor normalization)
+always run in float32 on the upcast last feature map / MLP output, so every :class:`HeadOutput` tensor is float32.
+With float32 weights the casts are no-ops and the numbers are exactly the upstream ones.
 """
 
 from __future__ import annotations
@@ -131,13 +138,14 @@ class DPT(nn.Module):
     def forward(self, tokens: Sequence[Tensor], hw: tuple[int, int]) -> Tensor:
         """``tokens``: decoder list of ``[B, N, C_i]``; ``hw = (H, W)`` image size -> ``[B, num_channels, H, W]``."""
         h, w = hw[0] // self.patch_size, hw[1] // self.patch_size
+        dtype = self.compute_dtype
         layers = []
         for i, hook in enumerate(self.hooks):
             t = tokens[hook]
             b, n, c = t.shape
             if n != h * w:
                 raise ValueError(f"token count {n} does not match image size {hw} (expected {h * w})")
-            x = t.transpose(1, 2).reshape(b, c, h, w)
+            x = t.to(dtype).transpose(1, 2).reshape(b, c, h, w)
             x = self.act_postprocess[i](x)
             layers.append(self.scratch.layer_rn[i](x))
         s = self.scratch
@@ -145,7 +153,16 @@ class DPT(nn.Module):
         p3 = s.refinenet3(p4, layers[2])
         p2 = s.refinenet2(p3, layers[1])
         p1 = s.refinenet1(p2, layers[0])
-        return self.head(p1)
+        feat = p1
+        for i in range(len(self.head) - 1):
+            feat = self.head[i](feat)
+        out_conv = self.head[-1]
+        return out_conv(feat.to(out_conv.weight.dtype))  # final 1x1 conv in float32 (no-op cast in fp32 mode)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """dtype of the DPT convolutions (their stored weights); the final output conv stays float32."""
+        return self.act_postprocess[0][0].weight.dtype
 
 
 @dataclass(frozen=True)
@@ -244,9 +261,10 @@ class CatMlpDptHead(nn.Module):
         conf = reg_dense_conf(fmap[..., 3], self.modes.conf_mode)
         desc = desc_conf = None
         if need_desc:
-            cat = torch.cat([dec[0], dec[-1]], dim=-1)
+            mlp_dtype = self.head_local_features.fc1.weight.dtype
+            cat = torch.cat([dec[0].to(mlp_dtype), dec[-1].to(mlp_dtype)], dim=-1)
             b = cat.shape[0]
-            lf = self.head_local_features(cat)  # [B, N, (F+1)*P^2]
+            lf = self.head_local_features(cat).float()  # [B, N, (F+1)*P^2], post-processing in float32
             lf = lf.transpose(-1, -2).reshape(b, -1, h // self.patch_size, w // self.patch_size)
             lf = F.pixel_shuffle(lf, self.patch_size).permute(0, 2, 3, 1)  # [B, H, W, F(+1)]
             desc = reg_desc(lf[..., : self.local_feat_dim], self.modes.desc_mode)
@@ -255,3 +273,33 @@ class CatMlpDptHead(nn.Module):
             else:
                 desc_conf = conf.clone()
         return HeadOutput(pts3d=pts3d, conf=conf, desc=desc, desc_conf=desc_conf)
+
+
+def cast_head_(head: CatMlpDptHead, dtype: torch.dtype) -> int:
+    """Store the weights of ``head``'s DPT convolutions and local-feature MLP in ``dtype`` (in place, memory format
+    kept), except the final 1x1 output conv ``dpt.head[-1]`` which stays float32.
+
+    Args:
+        head: a :class:`CatMlpDptHead`.
+        dtype: ``torch.float32``, ``torch.bfloat16`` or ``torch.float16``.
+
+    Returns:
+        The number of parameters whose dtype changed.
+
+    Raises:
+        TypeError: ``head`` is not a CatMlpDptHead. ValueError: unsupported dtype.
+    """
+    if not isinstance(head, CatMlpDptHead):
+        raise TypeError(f"cast_head_ needs a CatMlpDptHead, got {type(head).__name__}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"head dtype must be float32, bfloat16 or float16, got {dtype}")
+    keep = head.dpt.head[-1]
+    n = 0
+    for m in head.modules():
+        if m is keep or not isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            continue
+        for p in m.parameters(recurse=False):
+            if p.dtype != dtype:
+                p.data = p.data.to(dtype)  # preserve_format: channels-last weights stay channels-last
+                n += p.numel()
+    return n

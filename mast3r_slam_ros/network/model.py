@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import DecoderBlock, EncoderBlock, PatchEmbed, layer_norm
-from .heads import CatMlpDptHead, HeadOutput, PostprocessModes
-from .precision import check_precision, precision_context
+from .heads import CatMlpDptHead, HeadOutput, PostprocessModes, cast_head_
+from .precision import check_head_precision, check_precision, head_dtype, precision_context
 from .rope import RoPE2D
 
 INF = math.inf
@@ -167,7 +167,9 @@ class Mast3rModel(nn.Module):
 
     Attributes:
         config: the :class:`Mast3rConfig`.
-        precision: ``"fp32" | "tf32" | "bf16" | "fp16"`` used by encode/decode (heads always float32).
+        precision: ``"fp32" | "tf32" | "bf16" | "fp16"`` used by encode/decode (heads: see ``head_precision``).
+        head_precision: ``"fp32" | "bf16" | "fp16"``: dtype of the heads' DPT convolutions and local-feature MLP
+            (:meth:`set_head_precision`; the final output conv and the post-processing are always float32).
     """
 
     #: ``decode`` accepts ``need_res2`` / ``need_desc`` (used by ``network.inference.mono``)
@@ -181,6 +183,8 @@ class Mast3rModel(nn.Module):
         cfg.validate()
         self.config = cfg
         self.precision = check_precision(precision)
+        self.head_precision = "fp32"
+        self._fp32_heads: dict[str, Tensor] | None = None  # CPU float32 copy of the cast head weights
         self.rope = RoPE2D(cfg.rope_base)
         ed, dd = cfg.enc_embed_dim, cfg.dec_embed_dim
         # registration order = official state-dict order
@@ -253,6 +257,37 @@ class Mast3rModel(nn.Module):
         """Switch the precision of encode/decode (``"fp32" | "tf32" | "bf16" | "fp16"``)."""
         self.precision = check_precision(precision)
 
+    def set_head_precision(self, head_precision: str) -> None:
+        """Run both heads' DPT convolutions and local-feature MLPs in ``"fp32" | "bf16" | "fp16"``.
+
+        The weights are stored once in that dtype (in place, memory format kept; :func:`heads.cast_head_`); a CPU
+        float32 copy is kept so that switching back to ``fp32`` (or between bf16 and fp16) restores / re-casts
+        from the exact float32 values. The final 1x1 output convs and the post-processing stay float32.
+        Call it after loading the weights (``load_state_dict`` refuses reduced-precision heads).
+
+        Raises:
+            ValueError / TypeError: unknown head precision.
+        """
+        p = check_head_precision(head_precision)
+        if p == self.head_precision:
+            return
+        heads = (self.downstream_head1, self.downstream_head2)
+        if self._fp32_heads is None:
+            self._fp32_heads = {f"{i}.{k}": v.detach().to("cpu", copy=True)
+                                for i, h in enumerate(heads) for k, v in h.named_parameters()
+                                if v.dtype == torch.float32}
+        for i, h in enumerate(heads):  # restore float32 first, so bf16 <-> fp16 never rounds twice
+            for k, v in h.named_parameters():
+                ref = self._fp32_heads.get(f"{i}.{k}")
+                if ref is not None and v.dtype != torch.float32:
+                    v.data = ref.to(v.device)
+        if p == "fp32":
+            self._fp32_heads = None
+        else:
+            for h in heads:
+                cast_head_(h, head_dtype(p))
+        self.head_precision = p
+
     def compile_stages(self, **compile_kwargs: Any) -> "Mast3rModel":
         """Opt-in ``torch.compile`` of the encoder, the decoder and both heads (same numbers, fewer kernels).
 
@@ -274,8 +309,12 @@ class Mast3rModel(nn.Module):
         """``nn.Module.load_state_dict`` that also accepts a dict holding only one name of each aliased DPT conv.
 
         ``downstream_head*.dpt.scratch.layer{i}_rn.weight`` and ``...scratch.layer_rn.{i-1}.weight`` are the same
-        tensor; a missing one of the pair is filled from the other. Raises ValueError if both are present and differ.
+        tensor; a missing one of the pair is filled from the other. Raises ValueError if both are present and differ,
+        and RuntimeError while the heads are in reduced precision (``set_head_precision("fp32")`` first).
         """
+        if self.head_precision != "fp32":
+            raise RuntimeError(f"heads are stored in {self.head_precision}; call set_head_precision('fp32') before "
+                               "load_state_dict")
         sd = dict(state_dict)
         pat = re.compile(r"^(.*\.dpt\.scratch\.)layer([1-4])_rn\.weight$")
         for key in list(sd):
@@ -331,8 +370,18 @@ class Mast3rModel(nn.Module):
         return feat.float(), pos
 
     # ------------------------------------------------------------------ decoder
-    def decoder_tokens(self, feat1: Tensor, pos1: Tensor, feat2: Tensor, pos2: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def decoder_tokens(self, feat1: Tensor, pos1: Tensor, feat2: Tensor, pos2: Tensor, side_stream: Any = None
+                       ) -> tuple[list[Tensor], list[Tensor]]:
         """Both decoder branches without precision handling (spec §3.4).
+
+        Args:
+            feat1, pos1, feat2, pos2: as in :meth:`decode`.
+            side_stream: optional ``torch.cuda.Stream`` (CUDA inputs only): branch 2 runs on it, branch 1 on the
+                current stream. Within a layer the branches are independent (each block reads the *previous* output
+                of the other branch), so the streams only join once per layer (``wait_stream`` both ways). Same
+                kernels in the same per-branch order, hence the same values as the sequential path. Meant for CUDA
+                graph capture (``GraphedPredictor(decoder_streams=True)``): every tensor read across streams is
+                alive until the final join.
 
         Returns:
             ``dec1, dec2``: lists of ``dec_depth + 1`` tensors; entry 0 is the encoder output ``[B, P, Ce]``,
@@ -343,6 +392,8 @@ class Mast3rModel(nn.Module):
         hd = self.config.dec_embed_dim // self.config.dec_num_heads
         t1 = self.rope.tables(pos1, hd)
         t2 = self.rope.tables(pos2, hd)
+        if side_stream is not None:
+            return self._decoder_tokens_two_streams(feat1, feat2, t1, t2, side_stream)
         f1 = self.decoder_embed(feat1)
         f2 = self.decoder_embed(feat2)
         dec1, dec2 = [feat1], [feat2]
@@ -352,6 +403,31 @@ class Mast3rModel(nn.Module):
             f1, f2 = g1, g2
             dec1.append(f1)
             dec2.append(f2)
+        dec1[-1] = self.dec_norm(dec1[-1])
+        dec2[-1] = self.dec_norm(dec2[-1])
+        return dec1, dec2
+
+    def _decoder_tokens_two_streams(self, feat1: Tensor, feat2: Tensor, t1: Any, t2: Any, side: Any
+                                    ) -> tuple[list[Tensor], list[Tensor]]:
+        """:meth:`decoder_tokens` with branch 2 on ``side`` (see there); ``t1``/``t2`` are the RoPE tables."""
+        if feat1.device.type != "cuda":
+            raise ValueError("side_stream needs CUDA inputs")
+        main = torch.cuda.current_stream(feat1.device)
+        side.wait_stream(main)  # feat2, tables
+        f1 = self.decoder_embed(feat1)
+        with torch.cuda.stream(side):
+            f2 = self.decoder_embed(feat2)
+        dec1, dec2 = [feat1], [feat2]
+        for blk1, blk2 in zip(self.dec_blocks, self.dec_blocks2):
+            main.wait_stream(side)  # f2 of the previous layer
+            side.wait_stream(main)  # f1 of the previous layer
+            g1 = blk1(f1, f2, t1, t2)
+            with torch.cuda.stream(side):
+                g2 = blk2(f2, f1, t2, t1)
+            f1, f2 = g1, g2
+            dec1.append(f1)
+            dec2.append(f2)
+        main.wait_stream(side)
         dec1[-1] = self.dec_norm(dec1[-1])
         dec2[-1] = self.dec_norm(dec2[-1])
         return dec1, dec2

@@ -3,7 +3,12 @@
 * ``fp32``: full float32 (TF32 explicitly off for matmuls and cuDNN convolutions while the network runs).
 * ``tf32``: float32 tensors, TF32 tensor-core matmuls/convolutions allowed (the upstream SLAM setting, spec §5).
 * ``bf16`` / ``fp16``: autocast of the encoder and decoder to that dtype (the upstream-measured GPU setting; CPU
-  autocast works too but is slow), heads always in float32 with autocast off and TF32 allowed.
+  autocast works too but is slow), heads in float32 with autocast off and TF32 allowed.
+
+A second, independent parameter, the **head precision** ``"fp32" | "bf16" | "fp16"`` (:data:`HEAD_PRECISIONS`,
+``runtime.head_precision``), selects the dtype in which the DPT convolutions and the local-feature MLP of the two
+``catmlp+dpt`` heads run (their weights are stored in that dtype, see ``Mast3rModel.set_head_precision``); the final
+1x1 output convolution and the post-processing always stay float32. ``fp32`` (default) is the upstream behaviour.
 
 The flags are set only inside :func:`precision_context` and restored afterwards, so other code is not affected.
 RoPE angles are always computed in fp32 (see ``rope.py``).
@@ -27,6 +32,25 @@ def check_precision(precision: str) -> str:
     if p not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     return p
+
+
+#: head precisions (``runtime.head_precision``); ``fp32`` = upstream float32 heads
+HEAD_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def check_head_precision(precision: str) -> str:
+    """Validate and normalise a head precision name (case-insensitive); raises ValueError listing the valid names."""
+    if not isinstance(precision, str):
+        raise TypeError(f"head_precision must be a string, one of {HEAD_PRECISIONS}, got {type(precision).__name__}")
+    p = precision.strip().lower()
+    if p not in HEAD_PRECISIONS:
+        raise ValueError(f"unknown head_precision {precision!r}; expected one of {', '.join(HEAD_PRECISIONS)}")
+    return p
+
+
+def head_dtype(head_precision: str) -> torch.dtype:
+    """The compute dtype of the head convolutions / MLP for ``head_precision`` (float32, bfloat16 or float16)."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[check_head_precision(head_precision)]
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:

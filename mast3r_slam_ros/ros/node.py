@@ -100,6 +100,7 @@ def build_slam_config(p: NodeParams) -> Any:
     overrides = {
         "use_calib": bool(p.use_calib),
         "runtime": {"device": p.device, "kernel_backend": p.kernel_backend, "precision": p.precision,
+                    "head_precision": p.head_precision,
                     "max_keyframes": int(p.max_keyframes), "img_size": int(p.img_size),
                     "loop_closure": bool(p.loop_closure), "sync_backend": bool(p.sync_backend)},
     }
@@ -318,13 +319,14 @@ class SlamNode(Node):
             or ckpt.startswith((".", "~"))
         if looks_like_path and not Path(ckpt).expanduser().exists():
             raise ModelLoadError(f"checkpoint '{ckpt}' does not exist (parameter 'checkpoint')")
-        self.get_logger().info(f"loading MASt3R from '{ckpt}' on device '{device}' ({self.p.precision})")
+        self.get_logger().info(f"loading MASt3R from '{ckpt}' on device '{device}' ({self.p.precision}, heads "
+                               f"{self.p.head_precision})")
         t0 = time.monotonic()
         try:
             from mast3r_slam_ros.network import load_predictor  # CUDA-graph replay on CUDA, eager otherwise
 
             model = load_predictor(str(Path(ckpt).expanduser()) if looks_like_path else ckpt, device,
-                                   self.p.precision)
+                                   self.p.precision, head_precision=self.p.head_precision)
         except Exception as exc:  # noqa: BLE001 - re-raised with context
             raise ModelLoadError(f"cannot load checkpoint '{ckpt}' on device '{device}': "
                                  f"{type(exc).__name__}: {exc}") from exc

@@ -32,6 +32,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("device", "auto", "torch device for the network and the SLAM core: auto (cuda if available), cuda, "
               "cuda:N or cpu."),
     ParamSpec("precision", "fp32", "network precision.", choices=("fp32", "tf32", "bf16", "fp16")),
+    ParamSpec("head_precision", "fp32", "compute dtype of the heads' DPT convolutions and local-feature MLP (final "
+              "output conv and post-processing stay fp32).", choices=("fp32", "bf16", "fp16")),
     ParamSpec("kernel_backend", "auto", "matching / Gauss-Newton kernels: CUDA extension or PyTorch.",
               choices=("auto", "cuda", "torch")),
     ParamSpec("config_file", "", "SLAM configuration YAML (upstream base.yaml layout); empty = built-in defaults."),
