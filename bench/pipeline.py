@@ -306,27 +306,42 @@ def install_profiling(timer: StageTimer, system: SlamSystem, model: Any | None) 
 
 
 # --------------------------------------------------------------------------------------------------- one variant
+#: variant suffixes: channels-last heads, parallel heads, decoder streams, bf16 / fp16 heads, eager tracker GN
+VARIANT_FLAGS = {"cl", "ph", "ds", "bh", "fh", "eagergn"}
+
+
 def build_network(variant: str, model: Mast3rModel | None):
-    """``eager-<prec>`` -> the model; ``graph-<prec>`` -> GraphedPredictor; ``none`` -> None (a ``+eagergn`` suffix
-    is handled by :func:`run_variant`)."""
+    """``eager-<prec>`` -> the model; ``graph-<prec>`` -> GraphedPredictor; ``none`` -> None. Suffixes: ``+cl``
+    channels-last heads, ``+ph`` parallel heads, ``+ds`` decoder branches on two streams (graph only), ``+bh`` / ``+fh``
+    bf16 / fp16 heads (eager and graph); ``+eagergn`` is handled by :func:`run_variant`."""
     flags = set(variant.split("+")[1:])
+    if flags - VARIANT_FLAGS:
+        raise ValueError(f"unknown variant suffix(es) {sorted(flags - VARIANT_FLAGS)} in {variant!r}; "
+                         f"known: {sorted(VARIANT_FLAGS)}")
+    if {"bh", "fh"} <= flags:
+        raise ValueError(f"variant {variant!r}: +bh and +fh exclude each other")
+    head_precision = "bf16" if "bh" in flags else "fp16" if "fh" in flags else "fp32"
     variant = variant.split("+", 1)[0]
     if variant == "none" or model is None:
         return None
     mode, prec = variant.split("-", 1)
     if mode == "eager":
         model.set_precision(prec)
+        model.set_head_precision(head_precision)
         return model
     if mode == "graph":
         from mast3r_slam_ros.network.graphs import GraphedPredictor
 
         model.set_precision(prec)
-        return GraphedPredictor(model, heads_channels_last="cl" in flags, parallel_heads="ph" in flags)
+        return GraphedPredictor(model, heads_channels_last="cl" in flags, parallel_heads="ph" in flags,
+                                decoder_streams="ds" in flags, head_precision=head_precision)
     raise ValueError(f"unknown variant {variant!r} (eager-<prec>, graph-<prec> or none)")
 
 
 def release_network(net: Any) -> None:
-    """Undo a GraphedPredictor's trunk cast (restores float32 weights) and drop its graphs."""
+    """Undo a variant's head cast and a GraphedPredictor's trunk cast (restores float32 weights), drop its graphs."""
+    if net is not None and hasattr(net, "set_head_precision"):
+        net.set_head_precision("fp32")
     if net is not None and hasattr(net, "_graphs"):
         net.set_precision("fp32")
         for h in ("downstream_head1", "downstream_head2"):
@@ -524,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="eager-tf32,graph-tf32+cl+ph,graph-bf16+cl+ph",
                     help="comma list of eager-<prec>, graph-<prec> (prec fp32/tf32/bf16/fp16) or none; suffix "
                     "'+eagergn' runs the tracker's eager Gauss-Newton loop (A/B of its CUDA graph), '+cl' "
-                    "channels-last heads, '+ph' parallel heads")
+                    "channels-last heads, '+ph' parallel heads, '+ds' decoder branches on two streams, '+bh'/'+fh' "
+                    "bf16/fp16 DPT heads")
     ap.add_argument("--kernel-backends", default="auto",
                     help="comma list of auto/cuda/torch; every variant is run with every kernel backend")
     ap.add_argument("--memory-keyframes", type=int, default=0,
