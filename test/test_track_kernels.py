@@ -226,7 +226,8 @@ def _tracking_setup(device: str = "cpu", nan: bool = False):
     if nan:
         Xff[10, 0] = float("nan")
     m = SimpleNamespace(idx_f2k=torch.arange(hw), valid_match_k=torch.ones(hw, 1, dtype=torch.bool),
-                        Xff=Xff, Cff=torch.full((hw, 1), 2.0), Xkf=Xk.clone(), Ckf=torch.full((hw, 1), 2.0),
+                        Xff=Xff, Cff=torch.full((hw, 1), 2.0), Xkf=Xf_frame.clone(),  # keyframe in frame camera
+                        Ckf=torch.full((hw, 1), 2.0),
                         Qk=torch.full((hw, 1), 3.0))
     m = SimpleNamespace(**{k: t.to(device) for k, t in vars(m).items()})
     cfg = SimpleNamespace(use_calib=False, tracking=TrackingParams(), matching=SimpleNamespace())

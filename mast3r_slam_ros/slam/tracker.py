@@ -209,7 +209,7 @@ def _graphed_gn_loop(key: tuple, system_fn, tensors: list[Tensor], T: Sim3, p: T
         return _host_gn_loop(lambda Td: fn(Td, *tensors), T_host, device, p)
     from mast3r_slam_ros.network.graphs import graphed_function
 
-    graph = graphed_function(key, system_fn, [T_host.to(device), *tensors])
+    graph = graphed_function(key, system_fn, [T_host.to(device, non_blocking=True), *tensors])
     if graph is None:
         return None
     return _host_gn_loop(lambda Td: graph(Td, *tensors), T_host, device, p)
