@@ -251,3 +251,138 @@ def test_bad_arguments():
         fg.add_matches([0, 1], [1], _fake([match(0, 1)], "cpu"), 0.1)
     with pytest.raises(ValueError):
         FactorGraph(store, None, type("Cfg", (), {"use_calib": True})(), K=None)
+
+
+# ------------------------------------------------------------------------------------------- compact storage (issue 8)
+def _noisy_scene(n=5, seed=11, device="cpu", calib=False):
+    """The ray scene with pointmap noise, random per-pixel Q in [1, 40] (some just above Q_conf = 1.5, where float16
+    rounds to <= 1.5) and partial validity, so the weights and the valid set matter; returns store, graph inputs."""
+    store, poses, match = _graph_scene(n, seed=seed, device=device)
+    g = torch.Generator().manual_seed(seed + 1)
+    for k in range(n):
+        store[k].X_canon = store[k].X_canon + 0.01 * torch.randn(HW, 3, generator=g).to(device)
+    edges = [(0, 1), (1, 2), (2, 3), (3, 4), (0, 2), (1, 4), (0, 4)]
+    ms = [match(i, j, 0.8) for i, j in edges]
+    m = _fake(ms, device)
+    B = len(edges)
+    m.Qj = (1.0 + 39.0 * torch.rand(B, HW, 1, generator=g)).to(device)
+    m.Qi = (1.0 + 39.0 * torch.rand(B, HW, 1, generator=g)).to(device)
+    m.Qj[:, :10] = 1.5004  # float16(1.5004) == 1.5: must still count (the Q test is done in float32 when stored)
+    pert = [poses[0]] + [_random_pose(g, 0.02, 0.05, 0.02) * poses[k] for k in range(1, n)]
+    store.set_poses(list(range(n)), Sim3(torch.stack([p.data for p in pert]).float().to(device)))
+    return store, edges, m
+
+
+def _reference_rays_solve(store, edges, m):
+    """The pre-compaction solve: int64 indices, bool masks, float32 Q and the kernel's own Q test."""
+    p = FactorGraph(store, None).params
+    n = len(store)
+    T = store.stack_poses(list(range(n))).data.reshape(-1, 8).float().contiguous()
+    Xs, Cs = store.stack_points(list(range(n)))
+    ii = torch.tensor([e[0] for e in edges] + [e[1] for e in edges], device=T.device)
+    jj = torch.tensor([e[1] for e in edges] + [e[0] for e in edges], device=T.device)
+    idx = torch.cat([m.idx_i2j, m.idx_j2i]).contiguous()
+    valid = torch.cat([m.valid_match_j, m.valid_match_i]).contiguous()
+    Q = torch.cat([m.Qj, m.Qi]).float().contiguous()
+    res = kernels.gauss_newton_rays(T, Xs.contiguous(), Cs.contiguous(), ii, jj, idx, valid, Q, p.sigma_ray,
+                                    p.sigma_dist, p.C_conf, p.Q_conf, p.max_iters, p.delta_norm)
+    assert res.ok, res.message
+    return T
+
+
+def _solved_poses(store, edges, m, **kw):
+    fg = FactorGraph(store, None, **kw)
+    assert fg.add_matches([e[0] for e in edges], [e[1] for e in edges], m, 0.1)
+    res = fg.solve()
+    assert res is not None and res.ok, res.message
+    return store.stack_poses(list(range(len(store)))).data.reshape(-1, 8), fg
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compact_storage_matches_float32_solve(device):
+    """int32 indices with the valid/Q test folded in and float16 Q give the pre-compaction solve to float16 weight
+    precision (float32 Q: to float32 round-off)."""
+    kernels.set_backend("auto")
+    store, edges, m = _noisy_scene(device=device)
+    T0 = store.stack_poses(list(range(len(store)))).data.clone()
+    ref = _reference_rays_solve(store, edges, m)
+    for q_dtype, tol in ((torch.float32, 1e-5), (torch.float16, 1e-4)):
+        store.set_poses(list(range(len(store))), Sim3(T0.clone()))
+        T, fg = _solved_poses(store, edges, m, q_dtype=q_dtype)
+        assert fg.last_solve_chunks == 1
+        moved = (ref - T0.reshape(-1, 8)).abs().max()
+        assert moved > 1e-2  # the solve did something
+        torch.testing.assert_close(T, ref, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_solve_equals_one_shot_solve(device):
+    """The chunked solve (one edge per chunk) computes the same per-edge blocks as the one-shot kernel call."""
+    kernels.set_backend("auto")
+    store, edges, m = _noisy_scene(device=device, seed=21)
+    T0 = store.stack_poses(list(range(len(store)))).data.clone()
+    T_one, fg1 = _solved_poses(store, edges, m)
+    store.set_poses(list(range(len(store))), Sim3(T0.clone()))
+    T_chunk, fg2 = _solved_poses(store, edges, m, solve_chunk_bytes=0)
+    assert fg1.last_solve_chunks == 1 and fg2.last_solve_chunks == len(edges)
+    assert fg1.last_result.iterations == fg2.last_result.iterations
+    torch.testing.assert_close(T_chunk, T_one, rtol=0, atol=1e-6)
+    assert fg2.last_result.cost == pytest.approx(fg1.last_result.cost, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_calib_solve_equals_one_shot_solve(device):
+    kernels.set_backend("auto")
+    cfg = type("Cfg", (), {"use_calib": True})()
+    out = []
+    for chunk_bytes in (2**30, 0):
+        store, poses, match, K = _plane_scene(seed=2, device=device)
+        g = torch.Generator().manual_seed(3)
+        pert = [poses[0]] + [_random_pose(g, 0.01, 0.03, 0.02) * poses[k] for k in (1, 2)]
+        store.set_poses([0, 1, 2], Sim3(torch.stack([p.data for p in pert]).float().to(device)))
+        fg = FactorGraph(store, None, cfg, K=K, solve_chunk_bytes=chunk_bytes)
+        edges = [(0, 1), (1, 2), (0, 2)]
+        assert fg.add_matches([0, 1, 0], [1, 2, 2], _fake([match(i, j) for i, j in edges], device), 0.1)
+        res = fg.solve()
+        assert res.ok, res.message
+        out.append((store.stack_poses([0, 1, 2]).data.reshape(-1, 8), fg.last_solve_chunks))
+    assert out[0][1] == 1 and out[1][1] == 3
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=0, atol=1e-6)
+
+
+def test_memory_report_accounts_every_stored_byte():
+    store, poses, match = _graph_scene(4, seed=8)
+    fg = FactorGraph(store, predictor=None, cfg=None)
+    assert fg.memory_report() == {"edges": 0, "total": 0, "per_edge": 0, "idx": 0, "Q": 0}
+    fg.add_matches([0, 1], [1, 2], _fake([match(0, 1), match(1, 2)], "cpu"), 0.1)
+    fg.add_matches([0], [3], _fake([match(0, 3)], "cpu"), 0.1)
+    rep = fg.memory_report()
+    tensors = [t for e in range(len(fg)) for t in fg.edge_tensors(e).values()]
+    assert rep["edges"] == 3 and rep["total"] == sum(t.nbytes for t in tensors) == fg.nbytes()
+    assert rep["per_edge"] == 2 * (4 + 2) * HW  # int32 index + float16 Q per direction
+    for e in range(3):
+        d = fg.edge_tensors(e)
+        assert d["idx_ii2jj"].dtype == torch.int32 and d["Q_ii2jj"].dtype == torch.float16
+    # the unused pixels are folded into the index (-1); the kept ones are the original matches
+    idx_i2j = match(0, 1)[0]
+    assert torch.equal(fg.edge_tensors(0)["idx_ii2jj"].long(), idx_i2j)
+    fg.add_matches([1], [3], _fake([match(1, 3, 0.5)], "cpu"), 0.1)
+    packed = fg.edge_tensors(3)["idx_ii2jj"]
+    n_valid = round(0.5 * HW)
+    assert (packed[n_valid:] == -1).all() and torch.equal(packed[:n_valid].long(), match(1, 3)[0][:n_valid])
+    sub = fg.subgraph(lambda i, j: j != 3)
+    assert sub.edges() == [(0, 1), (1, 2)] and sub.edge_tensors(1)["Q_jj2ii"] is fg.edge_tensors(1)["Q_jj2ii"]
+
+
+def test_pack_unpack_direction_roundtrip():
+    from mast3r_slam_ros.slam.factor_graph import pack_direction, unpack_direction
+
+    idx = torch.tensor([[3, 1, 0, 2]])
+    valid = torch.tensor([[[True], [True], [False], [True]]])
+    Q = torch.tensor([[[2.0], [1.0], [9.0], [1e6]]])
+    idx32, q = pack_direction(idx, valid, Q, Q_conf=1.5)
+    assert idx32.tolist() == [[3, -1, -1, 2]] and q.dtype == torch.float16
+    assert q[0, 3].item() == 65504.0  # saturated, finite
+    i64, v, Qf = unpack_direction(idx32, q)
+    assert i64.tolist() == [[3, 0, 0, 2]] and v[..., 0].tolist() == [[True, False, False, True]]
+    assert Qf.dtype == torch.float32 and Qf.shape == (1, 4, 1)

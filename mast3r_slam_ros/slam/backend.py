@@ -12,6 +12,11 @@ One keyframe ``idx`` (§1.4, §7.4):
    only if both match directions reach the minimum fraction;
 3. global Gauss–Newton over all keyframes of the graph (``solve_GN_calib`` if ``use_calib`` else ``solve_GN_rays``).
 
+Memory (issue 8): right after step 1 the keyframe is compacted (``KeyframeStore.compact``: image released, tokens in
+``store.feat_dtype``). If the store has no ``feat_dtype`` set (None), the backend sets it to
+:func:`~mast3r_slam_ros.slam.keyframes.feat_storage_dtype` of the predictor (bfloat16 for a bf16 network trunk, else
+float32); construct the store with ``feat_dtype=torch.float32`` to keep float32 tokens.
+
 Loop closures: an accepted retrieval edge to a keyframe at least :attr:`Backend.loop_min_gap` (5) keyframes older
 than the new one is counted in :attr:`Backend.loop_closures` (upstream does not count; the gap separates revisits from
 the ordinary local edges to the last few keyframes). With ``runtime.loop_closure = False`` such edges are not added
@@ -29,6 +34,7 @@ import logging
 from typing import Any, Callable
 
 from mast3r_slam_ros.slam.factor_graph import FactorGraph
+from mast3r_slam_ros.slam.keyframes import feat_storage_dtype
 from mast3r_slam_ros.slam.reloc import RelocParams, RelocResult, relocalize
 from mast3r_slam_ros.slam.retrieval import RetrievalDatabase
 
@@ -60,6 +66,8 @@ class Backend:
                  retrieval: RetrievalDatabase | None = None, feature_fn: Callable | None = None):
         self.store, self.predictor, self.cfg, self.K = store, predictor, cfg, K
         self.graph = FactorGraph(store, predictor, cfg, K)
+        if getattr(store, "feat_dtype", "absent") is None:  # tokens in the network trunk's dtype
+            store.feat_dtype = feat_storage_dtype(predictor)
         self.retrieval = retrieval if retrieval is not None else self._make_retrieval(feature_fn)
         self.reloc_params = RelocParams.from_config(cfg)
         rt = getattr(cfg, "runtime", None) if cfg is not None else None
@@ -113,6 +121,8 @@ class Backend:
             kf = self.store[idx]
             matching.ensure_encoded(self.predictor, kf)
             cands = self.retrieval.update(kf.feat, idx, add_after_query=True)
+            if hasattr(self.store, "compact"):  # retrieval has read the float32 tokens: store them compactly
+                self.store.compact(idx)
             if not self.loop_closure:
                 cands = [c for c in cands if idx - c < self.loop_min_gap]
             kf_idx = sorted(({idx - 1} if idx >= 1 else set()) | set(cands) - {idx})

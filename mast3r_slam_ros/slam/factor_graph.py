@@ -4,10 +4,17 @@ Source: MASt3R-SLAM ``global_opt.py:FactorGraph`` (spec/upstream_algorithm.md §
 §13.5 item 6 delegated to :mod:`mast3r_slam_ros.kernels` (damped retry instead of a silent zero step; failures are
 returned in :class:`~mast3r_slam_ros.kernels.GNResult`, logged here and never skipped silently).
 
-Graph state (all on the SLAM device, only ever appended, spec §6.1), for ``E`` undirected edges ``(i, j)``:
-``ii, jj [E]`` int64 global keyframe ids; ``idx_ii2jj [E,HW]`` (for every pixel of j the matched pixel of i),
-``idx_jj2ii [E,HW]``; ``valid_match_j, valid_match_i [E,HW,1]`` bool; ``Q_ii2jj, Q_jj2ii [E,HW,1]`` f32 match
-confidences ``Qj = sqrt(Qii[idx_i2j]·Qji)``, ``Qi = sqrt(Qjj[idx_j2i]·Qij)``.
+Graph state (spec §6.1, only ever appended), for ``E`` undirected edges ``(i, j)``, stored compactly (issue 8,
+bounded memory on long runs): ``ii, jj [E]`` int64 global keyframe ids (CPU, tiny); per edge on the SLAM device
+``idx_ii2jj [HW]`` int32 (for every pixel of j the matched pixel of i, **−1 where the pixel is not used**: the upstream
+``valid_match_j ∧ Q_ii2jj > local_opt.Q_conf`` test is folded in once, in float32, when the edge is added),
+``idx_jj2ii [HW]`` int32 likewise, and ``Q_ii2jj, Q_jj2ii [HW]`` match confidences ``Qj = sqrt(Qii[idx_i2j]·Qji)``,
+``Qi = sqrt(Qjj[idx_j2i]·Qij)`` in ``q_dtype`` (float16 by default, saturated at 65504; float32 on request).
+That is ``2·(4 + 2)·HW`` bytes per edge (2.36 MB at 512x384) instead of ``2·(8 + 1 + 4)·HW`` (5.1 MB) with int64
+indices, separate bool masks and float32 Q. Because the Q threshold is already applied, the solve passes
+``Q_thresh = −inf`` to the kernels, so float16 rounding of Q changes only the residual weights ``√Q/σ`` (relative
+error ≤ 2.5e-4, see ``test_compact_storage_matches_float32_solve``), never which pixels count.
+:meth:`FactorGraph.memory_report` accounts for every stored byte.
 
 Edge acceptance (§6.2): the match fraction of each direction is ``|valid ∧ Q > local_opt.Q_conf| / HW``; an edge is
 invalid if ``min(frac_j, frac_i) < min_match_frac`` and it is not consecutive (``ii == jj − 1``: the consecutive
@@ -19,6 +26,13 @@ is fixed (gauge, ``local_opt.pin = 1``). Global ids are re-indexed to rows of ``
 2E directed edges ``(ii|jj, jj|ii)`` are passed to ``kernels.gauss_newton_rays`` (uncalibrated) or
 ``kernels.gauss_newton_calib`` (``use_calib``, pointmaps first constrained to the camera rays of ``K``, §5.3). The
 solved poses of all non-fixed keyframes are written back to the :class:`KeyframeStore`.
+
+Bounded solve memory: the kernels take the whole problem as int64/bool/float32 ``[2E,HW]`` tensors plus the stacked
+pointmaps ``[n,HW,3]`` — 13·2E·HW + 16·n·HW bytes (4.6 GB + 0.9 GB at 900 edges / 300 keyframes). When that exceeds
+``solve_chunk_bytes`` the same Gauss–Newton loop (``kernels.gn_solve``) runs with a blocks function that expands the
+compact edges chunk by chunk (each chunk also stacks only the pointmaps of its own keyframes), so the working set
+stays near ``solve_chunk_bytes``. The per-edge 7×7 blocks are the same numbers either way (same kernels, same
+per-edge inputs); only the memory they are computed in differs.
 """
 
 from __future__ import annotations
@@ -31,6 +45,7 @@ import torch
 from torch import Tensor
 
 from mast3r_slam_ros import kernels
+from mast3r_slam_ros.kernels import gn_torch
 from mast3r_slam_ros.lie import Sim3
 
 log = logging.getLogger(__name__)
@@ -72,6 +87,53 @@ class GlobalOptParams:
         return cls(**{k: _get(sec, k, getattr(cls, k)) for k in cls.__dataclass_fields__})
 
 
+#: largest finite float16 (Q is saturated there before the cast; MASt3R match confidences are far below it)
+_F16_MAX = 65504.0
+#: default working-set budget of one chunk of the global solve (bytes)
+SOLVE_CHUNK_BYTES = 256 * 2**20
+#: bytes per pixel of one directed edge as the kernels take it: int64 index + bool mask + float32 Q
+_KERNEL_EDGE_BYTES_PER_PIXEL = 8 + 1 + 4
+#: bytes per pixel of one keyframe as the kernels take it: float32 X [3] + float32 C [1]
+_KERNEL_KF_BYTES_PER_PIXEL = 16
+
+
+def pack_direction(idx: Tensor, valid: Tensor, Q: Tensor, Q_conf: float, q_dtype: torch.dtype = torch.float16
+                   ) -> tuple[Tensor, Tensor]:
+    """Compact one match direction of ``B`` edges for storage.
+
+    Args:
+        idx: ``[B,HW]`` integer pixel indices (matched pixel of the other keyframe).
+        valid: ``[B,HW,1]`` (or ``[B,HW]``) bool match validity.
+        Q: ``[B,HW,1]`` (or ``[B,HW]``) float match confidence.
+        Q_conf: ``local_opt.Q_conf``; pixels with ``¬valid ∨ ¬(Q > Q_conf)`` (float32 test, NaN fails) get index −1.
+        q_dtype: storage dtype of Q (float16: saturated at 65504; or float32).
+    Returns:
+        ``idx32 [B,HW]`` int32 (−1 = pixel not used) and ``q [B,HW]`` ``q_dtype``.
+    Raises:
+        ValueError: HW does not fit int32.
+    """
+    B, HW = idx.shape
+    if HW >= 2**31:
+        raise ValueError(f"HW={HW} does not fit int32 pixel indices")
+    q32 = Q.reshape(B, HW).float()
+    use = valid.reshape(B, HW) & (q32 > float(Q_conf))
+    idx32 = torch.where(use, idx.to(torch.int32), torch.full((), -1, dtype=torch.int32, device=idx.device))
+    if q_dtype == torch.float16:
+        q = q32.clamp(max=_F16_MAX).to(torch.float16)
+    elif q_dtype == torch.float32:
+        q = q32.clone()
+    else:
+        raise ValueError(f"q_dtype must be torch.float16 or torch.float32, got {q_dtype}")
+    return idx32, q
+
+
+def unpack_direction(idx32: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Kernel inputs from compact storage: ``idx32 [B,HW]`` int32, ``q [B,HW]`` -> ``idx [B,HW]`` int64 (0 where
+    unused), ``valid [B,HW,1]`` bool, ``Q [B,HW,1]`` float32."""
+    valid = idx32 >= 0
+    return idx32.clamp_min(0).to(torch.int64), valid.unsqueeze(-1), q.float().unsqueeze(-1)
+
+
 @dataclass
 class EdgeReport:
     """What the last :meth:`FactorGraph.add_matches` call decided, per requested edge (same order as the request)."""
@@ -90,12 +152,17 @@ class FactorGraph:
         predictor: a Predictor (``encode``/``decode``), used by :meth:`add_factors` for the symmetric decodes.
         cfg: ``SlamConfig`` (reads ``use_calib``, ``local_opt.*``, ``matching.*``) or None for upstream defaults.
         K: ``[3,3]`` intrinsics of the network image, required when ``cfg.use_calib`` is True.
+        q_dtype: storage dtype of the match confidences Q (``torch.float16`` default, or ``torch.float32``; see the
+            module docstring for what the choice changes).
+        solve_chunk_bytes: working-set budget of the global solve; larger problems are solved chunk by chunk
+            (:data:`SOLVE_CHUNK_BYTES` default; ``0`` forces one edge per chunk, for tests).
 
     Raises:
-        ValueError: ``use_calib`` without ``K``, or a malformed ``K``.
+        ValueError: ``use_calib`` without ``K``, a malformed ``K``, or a bad ``q_dtype``/``solve_chunk_bytes``.
     """
 
-    def __init__(self, store: Any, predictor: Any, cfg: Any = None, K: Tensor | None = None):
+    def __init__(self, store: Any, predictor: Any, cfg: Any = None, K: Tensor | None = None, *,
+                 q_dtype: torch.dtype = torch.float16, solve_chunk_bytes: int = SOLVE_CHUNK_BYTES):
         self.store, self.predictor, self.cfg = store, predictor, cfg
         self.params = GlobalOptParams.from_config(cfg)
         self.use_calib = bool(getattr(cfg, "use_calib", False)) if cfg is not None else False
@@ -105,21 +172,29 @@ class FactorGraph:
                 raise ValueError(f"K must be [3,3], got {tuple(K.shape)}")
         if self.use_calib and K is None:
             raise ValueError("use_calib is True but no intrinsics K were given to the factor graph")
+        if q_dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"q_dtype must be torch.float16 or torch.float32, got {q_dtype}")
+        if int(solve_chunk_bytes) < 0:
+            raise ValueError(f"solve_chunk_bytes must be >= 0, got {solve_chunk_bytes}")
         self.K = K
+        self.q_dtype = q_dtype
+        self.solve_chunk_bytes = int(solve_chunk_bytes)
         self.last_report = EdgeReport()
         self.last_result: kernels.GNResult | None = None
+        self.last_solve_chunks = 0  # number of chunks of the last solve (1 = the whole problem at once)
         self._clear()
 
     # ------------------------------------------------------------------------------------------------ state
+    _EDGE_FIELDS = ("_idx_ii2jj", "_idx_jj2ii", "_Q_ii2jj", "_Q_jj2ii")
+
     def _clear(self) -> None:
-        self._ii: list[Tensor] = []
-        self._jj: list[Tensor] = []
-        self._idx_ii2jj: list[Tensor] = []
-        self._idx_jj2ii: list[Tensor] = []
-        self._valid_j: list[Tensor] = []
-        self._valid_i: list[Tensor] = []
-        self._Q_ii2jj: list[Tensor] = []
-        self._Q_jj2ii: list[Tensor] = []
+        # per undirected edge (lists of equal length E); device tensors are [HW] rows of the per-call batches
+        self._ii: list[int] = []
+        self._jj: list[int] = []
+        self._idx_ii2jj: list[Tensor] = []  # [HW] int32, -1 = unused pixel of j
+        self._idx_jj2ii: list[Tensor] = []  # [HW] int32, -1 = unused pixel of i
+        self._Q_ii2jj: list[Tensor] = []    # [HW] q_dtype
+        self._Q_jj2ii: list[Tensor] = []    # [HW] q_dtype
 
     def reset(self) -> None:
         """Remove every edge."""
@@ -129,35 +204,59 @@ class FactorGraph:
 
     def __len__(self) -> int:
         """Number of undirected edges ``E``."""
-        return int(sum(t.numel() for t in self._ii))
+        return len(self._ii)
 
     @property
     def ii(self) -> Tensor:
-        """``[E]`` int64 global keyframe id of the first end of every edge."""
-        return torch.cat(self._ii) if self._ii else torch.zeros(0, dtype=torch.int64)
+        """``[E]`` int64 (CPU) global keyframe id of the first end of every edge."""
+        return torch.tensor(self._ii, dtype=torch.int64)
 
     @property
     def jj(self) -> Tensor:
-        """``[E]`` int64 global keyframe id of the second end of every edge."""
-        return torch.cat(self._jj) if self._jj else torch.zeros(0, dtype=torch.int64)
+        """``[E]`` int64 (CPU) global keyframe id of the second end of every edge."""
+        return torch.tensor(self._jj, dtype=torch.int64)
 
     def edges(self) -> list[tuple[int, int]]:
         """All edges ``(i, j)`` as Python ints, in insertion order."""
-        return list(zip(self.ii.tolist(), self.jj.tolist()))
+        return list(zip(self._ii, self._jj))
+
+    def edge_tensors(self, e: int) -> dict[str, Tensor]:
+        """The stored tensors of edge ``e`` (``idx_ii2jj``, ``idx_jj2ii`` ``[HW]`` int32, ``Q_ii2jj``, ``Q_jj2ii``
+        ``[HW]`` q_dtype), as stored (no copy)."""
+        return {name[1:]: getattr(self, name)[e] for name in self._EDGE_FIELDS}
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes of every stored device tensor of the graph.
+
+        Returns:
+            ``{"edges": E, "total": bytes, "per_edge": total // E (0 if E == 0), "idx": bytes, "Q": bytes}``. Edge
+            rows are views of one batch tensor per :meth:`add_matches` call that together cover it exactly, so the sum
+            of the rows' ``nbytes`` is the allocated size.
+        """
+        idx = sum(t.nbytes for t in self._idx_ii2jj) + sum(t.nbytes for t in self._idx_jj2ii)
+        q = sum(t.nbytes for t in self._Q_ii2jj) + sum(t.nbytes for t in self._Q_jj2ii)
+        E = len(self)
+        total = int(idx + q)
+        return {"edges": E, "total": total, "per_edge": total // E if E else 0, "idx": int(idx), "Q": int(q)}
+
+    def nbytes(self) -> int:
+        """Total bytes of the stored edge tensors (``memory_report()["total"]``)."""
+        return self.memory_report()["total"]
 
     def subgraph(self, keep) -> "FactorGraph":
         """A new graph over the same store with only the edges ``(i, j)`` for which ``keep(i, j)`` is True.
 
         The match tensors are shared (not copied). Used for ablations (e.g. the graph without its loop edges).
         """
-        g = FactorGraph(self.store, self.predictor, self.cfg, self.K)
-        for k in range(len(self._ii)):
-            mask = torch.tensor([bool(keep(int(i), int(j))) for i, j in zip(self._ii[k].tolist(), self._jj[k].tolist())],
-                                dtype=torch.bool, device=self._ii[k].device)
-            if not bool(mask.any()):
+        g = FactorGraph(self.store, self.predictor, self.cfg, self.K, q_dtype=self.q_dtype,
+                        solve_chunk_bytes=self.solve_chunk_bytes)
+        for e, (i, j) in enumerate(zip(self._ii, self._jj)):
+            if not bool(keep(int(i), int(j))):
                 continue
-            for name in ("_ii", "_jj", "_idx_ii2jj", "_idx_jj2ii", "_valid_j", "_valid_i", "_Q_ii2jj", "_Q_jj2ii"):
-                getattr(g, name).append(getattr(self, name)[k][mask])
+            g._ii.append(i)
+            g._jj.append(j)
+            for name in self._EDGE_FIELDS:
+                getattr(g, name).append(getattr(self, name)[e])
         return g
 
     # ------------------------------------------------------------------------------------------------ edges
@@ -224,8 +323,19 @@ class FactorGraph:
             raise ValueError(f"edge lists ({B}, {jj_t.numel()}) and matches ({m.idx_i2j.shape[0]}) disagree")
         if bool((ii_t == jj_t).any()):
             raise ValueError("a factor-graph edge cannot connect a keyframe to itself")
+        HW = int(m.idx_i2j.shape[1])
         fj, fi = self.match_fractions(m)
-        frac = torch.minimum(fj, fi).cpu()
+        q_conf = self.params.Q_conf
+        idx_j, q_j = pack_direction(m.idx_i2j, m.valid_match_j, m.Qj, q_conf, self.q_dtype)
+        idx_i, q_i = pack_direction(m.idx_j2i, m.valid_match_i, m.Qi, q_conf, self.q_dtype)
+        # one readback: the fractions and the range of the used indices (the kernels would read out of bounds)
+        imin = torch.minimum(idx_j.min(dim=1).values, idx_i.min(dim=1).values).to(fj.dtype)
+        imax = torch.maximum(idx_j.max(dim=1).values, idx_i.max(dim=1).values).to(fj.dtype)
+        host = torch.stack([torch.minimum(fj, fi), imin, imax]).cpu()
+        frac = host[0]
+        if HW and (float(host[1].min()) < -1 or float(host[2].max()) >= HW):
+            raise ValueError(f"matched pixel indices must lie in [0, {HW}), got range "
+                             f"[{int(host[1].min())}, {int(host[2].max())}]")
         consecutive = ii_t == jj_t - 1
         invalid = (frac < float(min_match_frac)) & ~consecutive
         accepted = ~invalid
@@ -238,16 +348,15 @@ class FactorGraph:
         if not bool(accepted.any()):
             return False
         keep = accepted.nonzero().reshape(-1)
-        dev = m.idx_i2j.device
-        kd = keep.to(dev)
-        self._ii.append(ii_t[keep].to(dev))
-        self._jj.append(jj_t[keep].to(dev))
-        self._idx_ii2jj.append(m.idx_i2j[kd])
-        self._idx_jj2ii.append(m.idx_j2i[kd])
-        self._valid_j.append(m.valid_match_j[kd])
-        self._valid_i.append(m.valid_match_i[kd])
-        self._Q_ii2jj.append(m.Qj[kd].float())
-        self._Q_jj2ii.append(m.Qi[kd].float())
+        if keep.numel() < B:
+            kd = keep.to(idx_j.device)
+            idx_j, q_j, idx_i, q_i = idx_j[kd], q_j[kd], idx_i[kd], q_i[kd]
+        self._ii.extend(ii_t[keep].tolist())
+        self._jj.extend(jj_t[keep].tolist())
+        self._idx_ii2jj.extend(idx_j.unbind(0))
+        self._idx_jj2ii.extend(idx_i.unbind(0))
+        self._Q_ii2jj.extend(q_j.unbind(0))
+        self._Q_jj2ii.extend(q_i.unbind(0))
         log.debug("factor graph: added edges %s (match fractions %s)",
                   list(zip(ii_t[keep].tolist(), jj_t[keep].tolist())), [round(float(frac[k]), 3) for k in keep.tolist()])
         return True
@@ -263,57 +372,161 @@ class FactorGraph:
         """
         return self.solve_GN_calib() if self.use_calib else self.solve_GN_rays()
 
+    # ---- problem set-up
+    def _expand(self, edges: Sequence[int], dev: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Kernel inputs of the directed edges of ``edges`` (forward ``ii->jj`` block, then backward): ``idx [2e,HW]``
+        int64, ``valid [2e,HW,1]`` bool, ``Q [2e,HW,1]`` float32 on ``dev``."""
+        idx32 = torch.stack([self._idx_ii2jj[e] for e in edges] + [self._idx_jj2ii[e] for e in edges]).to(dev)
+        q = torch.stack([self._Q_ii2jj[e] for e in edges] + [self._Q_jj2ii[e] for e in edges]).to(dev)
+        idx, valid, Q = unpack_direction(idx32, q)
+        return idx.contiguous(), valid.contiguous(), Q.contiguous()
+
+    def _points(self, ids: Sequence[int], dev: torch.device, calib: bool) -> tuple[Tensor, Tensor]:
+        """Stacked ``Xs [n,HW,3]`` (constrained to the rays of K when ``calib``, §5.3) and ``Cs [n,HW,1]`` f32."""
+        Xs, Cs = self.store.stack_points(list(ids))
+        Xs = Xs.float().to(dev)
+        if calib:
+            from mast3r_slam_ros import geometry
+
+            f0 = self.store[int(ids[0])]
+            Xs = geometry.constrain_points_to_ray((f0.height, f0.width), Xs, self.K.to(dev)).float()
+        return Xs.contiguous(), Cs.float().to(dev).contiguous()
+
+    def _chunks(self, hw: int) -> list[list[int]]:
+        """Split the edges (insertion order) into groups whose kernel working set (expanded directed edges and the
+        stacked pointmaps of their keyframes) stays within ``solve_chunk_bytes``; at least one edge per group."""
+        budget = self.solve_chunk_bytes
+        out: list[list[int]] = []
+        cur: list[int] = []
+        kfs: set[int] = set()
+        for e, (i, j) in enumerate(zip(self._ii, self._jj)):
+            k2 = kfs | {i, j}
+            need = (2 * (len(cur) + 1) * _KERNEL_EDGE_BYTES_PER_PIXEL + len(k2) * _KERNEL_KF_BYTES_PER_PIXEL) * hw
+            if cur and need > budget:
+                out.append(cur)
+                cur, k2 = [], {i, j}
+            cur.append(e)
+            kfs = k2
+        if cur:
+            out.append(cur)
+        return out
+
     def _problem(self):
+        """``ids [n]`` (CPU, sorted global ids), ``T [n,8]`` f32, global rows ``ri, rj [2E]`` int64, or None."""
         if not self._ii:
             return None
-        ii, jj = torch.cat(self._ii), torch.cat(self._jj)
-        unique = torch.unique(torch.cat([ii, jj]), sorted=True)
-        if unique.numel() <= self.params.pin:
+        unique = sorted(set(self._ii) | set(self._jj))
+        if len(unique) <= self.params.pin:
             return None
-        ids = unique.cpu()
-        T = self.store.stack_poses(ids).data.reshape(-1, 8).float()
-        Xs, Cs = self.store.stack_points(ids)
+        ids = torch.tensor(unique, dtype=torch.int64)
+        T = self.store.stack_poses(ids).data.reshape(-1, 8).float().contiguous()
         dev = T.device
-        ii2 = torch.cat([ii, jj]).to(dev)
-        jj2 = torch.cat([jj, ii]).to(dev)
-        u = unique.to(dev)
-        rows_i = torch.searchsorted(u, ii2)
-        rows_j = torch.searchsorted(u, jj2)
-        idx = torch.cat([torch.cat(self._idx_ii2jj), torch.cat(self._idx_jj2ii)]).to(dev)
-        valid = torch.cat([torch.cat(self._valid_j), torch.cat(self._valid_i)]).to(dev)
-        Q = torch.cat([torch.cat(self._Q_ii2jj), torch.cat(self._Q_jj2ii)]).to(dev).float()
-        return ids, T.contiguous(), Xs.float().to(dev).contiguous(), Cs.float().to(dev).contiguous(), \
-            rows_i.contiguous(), rows_j.contiguous(), idx.contiguous(), valid.contiguous(), Q.contiguous()
+        row = {g: r for r, g in enumerate(unique)}
+        ri = torch.tensor([row[g] for g in self._ii] + [row[g] for g in self._jj], dtype=torch.int64, device=dev)
+        rj = torch.tensor([row[g] for g in self._jj] + [row[g] for g in self._ii], dtype=torch.int64, device=dev)
+        return ids, T, ri, rj
 
     def solve_GN_rays(self) -> kernels.GNResult | None:
         """Uncalibrated global solve (ray + distance residuals, spec §6.4)."""
-        prob = self._problem()
-        if prob is None:
-            return None
-        ids, T, Xs, Cs, ri, rj, idx, valid, Q = prob
-        p = self.params
-        res = kernels.gauss_newton_rays(T, Xs, Cs, ri, rj, idx, valid, Q, p.sigma_ray, p.sigma_dist, p.C_conf,
-                                        p.Q_conf, p.max_iters, p.delta_norm)
-        return self._finish(ids, T, res)
+        return self._solve(calib=False)
 
     def solve_GN_calib(self) -> kernels.GNResult | None:
         """Calibrated global solve (pixel + log-depth residuals, spec §6.5); pointmaps constrained to rays (§5.3)."""
         if self.K is None:
             raise ValueError("solve_GN_calib needs intrinsics K")
+        return self._solve(calib=True)
+
+    def _solve(self, calib: bool) -> kernels.GNResult | None:
         prob = self._problem()
         if prob is None:
             return None
-        from mast3r_slam_ros import geometry
+        ids, T, ri, rj = prob
+        dev = T.device
+        hw = int(self._idx_ii2jj[0].numel())
+        chunks = self._chunks(hw)
+        self.last_solve_chunks = len(chunks)
+        p = self.params
+        q_thresh = float("-inf")  # the Q test was applied in float32 when the edges were stored
+        if len(chunks) == 1:  # the whole problem at once through the public kernel API (its input checks included)
+            Xs, Cs = self._points(ids.tolist(), dev, calib)
+            idx, valid, Q = self._expand(range(len(self)), dev)
+            if calib:
+                f0 = self.store[int(ids[0])]
+                res = kernels.gauss_newton_calib(T, Xs, Cs, self.K.to(dev), ri, rj, idx, valid, Q, f0.height,
+                                                 f0.width, p.pixel_border, p.depth_eps, p.sigma_pixel, p.sigma_depth,
+                                                 p.C_conf, q_thresh, p.max_iters, p.delta_norm)
+            else:
+                res = kernels.gauss_newton_rays(T, Xs, Cs, ri, rj, idx, valid, Q, p.sigma_ray, p.sigma_dist, p.C_conf,
+                                                q_thresh, p.max_iters, p.delta_norm)
+            del Xs, Cs, idx, valid, Q
+            return self._finish(ids, T, res)
+        blocks = self._chunked_blocks(ids.tolist(), chunks, calib, dev)
+        res = gn_torch.gn_solve(T, ri, rj, blocks, int(p.max_iters), float(p.delta_norm))
+        return self._finish(ids, T, res)
 
-        ids, T, Xs, Cs, ri, rj, idx, valid, Q = prob
+    def _chunked_blocks(self, ids: list[int], chunks: list[list[int]], calib: bool, dev: torch.device):
+        """``blocks(Twc) -> (Hr [2E,7,7], gr [2E,7], cost [2E])`` for ``gn_torch.gn_solve``, computed chunk by chunk.
+
+        Every chunk stacks the pointmaps of its own keyframes, expands its compact edges to the kernel dtypes, calls
+        the per-edge blocks of the selected backend (CUDA extension or PyTorch, as ``kernels.gauss_newton_*``) with
+        the rows of ``Twc`` of those keyframes, and writes the per-edge results at the edges' global positions
+        (forward edges at ``e``, backward at ``E + e``, the order of the rows ``ri, rj`` of :meth:`_problem`).
+        """
+        p = self.params
+        E = len(self)
+        row = {g: r for r, g in enumerate(ids)}
+        use_ext = kernels.backend() == "cuda" and dev.type == "cuda"
+        ext = kernels._ext.load() if use_ext else None
+        K = self.K.to(dev) if calib else None
         f0 = self.store[int(ids[0])]
         H, W = f0.height, f0.width
-        K = self.K.to(T.device)
-        Xs = geometry.constrain_points_to_ray((H, W), Xs, K).float().contiguous()
-        p = self.params
-        res = kernels.gauss_newton_calib(T, Xs, Cs, K, ri, rj, idx, valid, Q, H, W, p.pixel_border, p.depth_eps,
-                                         p.sigma_pixel, p.sigma_depth, p.C_conf, p.Q_conf, p.max_iters, p.delta_norm)
-        return self._finish(ids, T, res)
+        q_thresh = float("-inf")
+        plan = []
+        for ch in chunks:
+            loc = sorted({self._ii[e] for e in ch} | {self._jj[e] for e in ch})
+            lrow = {g: r for r, g in enumerate(loc)}
+            li = [lrow[self._ii[e]] for e in ch]
+            lj = [lrow[self._jj[e]] for e in ch]
+            plan.append((ch, loc,
+                         torch.tensor([row[g] for g in loc], dtype=torch.int64, device=dev),
+                         torch.tensor(li + lj, dtype=torch.int64, device=dev),
+                         torch.tensor(lj + li, dtype=torch.int64, device=dev),
+                         torch.tensor(ch + [E + e for e in ch], dtype=torch.int64, device=dev)))
+
+        def blocks(Twc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            Hr = torch.zeros(2 * E, 7, 7, dtype=torch.float64, device=dev)
+            gr = torch.zeros(2 * E, 7, dtype=torch.float64, device=dev)
+            cost = torch.zeros(2 * E, dtype=torch.float64, device=dev)
+            for ch, loc, grow, ii_c, jj_c, dst in plan:
+                Xs, Cs = self._points(loc, dev, calib)
+                idx, valid, Q = self._expand(ch, dev)
+                Tl = Twc[grow].contiguous()
+                if calib and ext is not None:
+                    h, g, c = gn_torch.cuda_blocks(ext.gn_calib_blocks, Tl, ii_c, jj_c, Xs, Cs, K, ii_c, jj_c, idx,
+                                                   valid, Q, int(H), int(W), int(p.pixel_border), float(p.depth_eps),
+                                                   float(p.sigma_pixel), float(p.sigma_depth), float(p.C_conf),
+                                                   q_thresh)
+                elif calib:
+                    h, g, c = gn_torch.gn_blocks_calib_torch(
+                        Tl, Xs=Xs, Cs=Cs, K=K, ii=ii_c, jj=jj_c, idx=idx, valid=valid, Q=Q, height=int(H),
+                        width=int(W), pixel_border=int(p.pixel_border), z_eps=float(p.depth_eps),
+                        sigma_pixel=float(p.sigma_pixel), sigma_depth=float(p.sigma_depth), C_thresh=float(p.C_conf),
+                        Q_thresh=q_thresh)
+                elif ext is not None:
+                    h, g, c = gn_torch.cuda_blocks(ext.gn_rays_blocks, Tl, ii_c, jj_c, Xs, Cs, ii_c, jj_c, idx, valid,
+                                                   Q, float(p.sigma_ray), float(p.sigma_dist), float(p.C_conf),
+                                                   q_thresh)
+                else:
+                    h, g, c = gn_torch.gn_blocks_rays_torch(
+                        Tl, Xs=Xs, Cs=Cs, ii=ii_c, jj=jj_c, idx=idx, valid=valid, Q=Q, sigma_ray=float(p.sigma_ray),
+                        sigma_dist=float(p.sigma_dist), C_thresh=float(p.C_conf), Q_thresh=q_thresh)
+                Hr[dst] = h.to(torch.float64)
+                gr[dst] = g.to(torch.float64)
+                cost[dst] = c.to(torch.float64)
+                del Xs, Cs, idx, valid, Q
+            return Hr, gr, cost
+
+        return blocks
 
     def _finish(self, ids: Tensor, T: Tensor, res: kernels.GNResult) -> kernels.GNResult:
         self.last_result = res

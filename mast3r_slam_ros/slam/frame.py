@@ -34,11 +34,13 @@ class Frame:
     Attributes:
         frame_id: running index of the frame in the system (0-based, counts every tracked image).
         stamp_ns: input stamp in nanoseconds.
-        img: ``[1,3,H,W]`` f32 in [-1,1] on the SLAM device (network input).
+        img: ``[1,3,H,W]`` f32 in [-1,1] on the SLAM device (network input); None after :meth:`release_image`
+            (keyframes drop it once encoded: encoding is its only reader).
         true_shape: ``[1,2]`` int32 ``(H, W)`` of ``img``.
         uimg: ``[H,W,3]`` uint8 CPU, the cropped resized RGB image (colours of the map).
         T_WC: ``Sim3 [1]`` camera -> world pose.
-        feat, pos: cached encoder tokens ``[1,P,C]`` f32 / token positions ``[1,P,2]`` int64 (None until encoded).
+        feat, pos: cached encoder tokens ``[1,P,C]`` f32 (or the trunk dtype after :meth:`compact`) / token positions
+            ``[1,P,2]`` int64 (None until encoded).
         X_canon: ``[HW,3]`` f32 canonical pointmap in this camera's frame (None until the first update).
         C: ``[HW,1]`` f32 accumulated confidence (sum over fused observations).
         N: number of fused observations (average confidence = ``C/N``).
@@ -49,7 +51,7 @@ class Frame:
 
     frame_id: int
     stamp_ns: int
-    img: Tensor
+    img: Tensor | None
     true_shape: Tensor
     uimg: Tensor
     T_WC: Sim3
@@ -75,15 +77,50 @@ class Frame:
 
     @property
     def height(self) -> int:
-        return int(self.img.shape[-2])
+        """H of the network image (from ``img``, or ``true_shape`` once the image is released)."""
+        if self.img is not None:
+            return int(self.img.shape[-2])
+        return int(self.true_shape.reshape(-1)[0])
 
     @property
     def width(self) -> int:
-        return int(self.img.shape[-1])
+        """W of the network image (from ``img``, or ``true_shape`` once the image is released)."""
+        if self.img is not None:
+            return int(self.img.shape[-1])
+        return int(self.true_shape.reshape(-1)[1])
 
     @property
     def device(self) -> torch.device:
-        return self.img.device
+        """The SLAM device (of ``img``, else ``feat``, else ``X_canon``)."""
+        for t in (self.img, self.feat, self.X_canon):
+            if t is not None:
+                return t.device
+        raise RuntimeError(f"frame {self.frame_id} holds no device tensor")
+
+    def release_image(self) -> bool:
+        """Drop the normalized network image ``img`` if the frame is encoded (``feat``/``pos`` cached); the colours
+        stay in ``uimg`` (CPU). Returns True if the image was released (False: already released or not encoded)."""
+        if self.img is None or self.feat is None or self.pos is None:
+            return False
+        self.img = None
+        return True
+
+    def compact(self, feat_dtype: torch.dtype | None = None) -> None:
+        """Store the encoder tokens in ``feat_dtype`` (e.g. bfloat16 for a bf16 network trunk,
+        see :func:`mast3r_slam_ros.slam.keyframes.feat_storage_dtype`) and release the image; None keeps ``feat``."""
+        if feat_dtype is not None and self.feat is not None and self.feat.dtype != feat_dtype:
+            self.feat = self.feat.to(feat_dtype)
+        self.release_image()
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes of every tensor this frame holds on its device(s) (``uimg`` included, it lives on the CPU).
+
+        Returns: ``{name: bytes}`` for ``img, feat, pos, X_canon, C, T_WC, K, true_shape, uimg`` (0 for None).
+        """
+        tensors = {"img": self.img, "feat": self.feat, "pos": self.pos, "X_canon": self.X_canon, "C": self.C,
+                   "T_WC": self.T_WC.data if self.T_WC is not None else None, "K": self.K,
+                   "true_shape": self.true_shape, "uimg": self.uimg}
+        return {k: int(v.nbytes) if isinstance(v, Tensor) else 0 for k, v in tensors.items()}
 
     def update_pointmap(
         self,

@@ -5,6 +5,15 @@ Replaces upstream ``frame.py:SharedKeyframes`` (spec ``upstream_algorithm.md`` �
 :class:`~mast3r_slam_ros.slam.frame.Frame` whose tensors live on the SLAM device; memory grows with the number of
 keyframes up to ``max_keyframes`` (``runtime.max_keyframes``), after which :class:`KeyframeCapacityError` is raised.
 
+Memory (issue 8): a keyframe holds ``X_canon [HW,3]`` f32, ``C [HW,1]`` f32, the encoder tokens ``feat [1,P,C]``
+and ``pos``; the normalized image ``img`` is released when the keyframe is added (or compacted) once encoded — its only
+reader is encoding (``network.inference.ensure_encoded``), colours stay in the CPU ``uimg``. With ``feat_dtype``
+(:func:`feat_storage_dtype`: the network trunk's dtype, bfloat16 for a bf16 trunk — the decoder casts the tokens to it
+on entry anyway) the tokens are stored in that dtype by :meth:`KeyframeStore.compact` (the backend calls it after the
+retrieval database has read the float32 tokens).
+Per keyframe at 512x384 that is 2.36 + 0.79 + 1.57 (bf16 feat; 3.15 f32) + 0.01 MB = 4.7 MB (6.3 MB with f32 feat)
+instead of 8.7 MB; :meth:`KeyframeStore.memory_report` accounts for every byte.
+
 Threading: the core starts no thread. ``lock`` is a re-entrant lock that the ROS layer's multi-threaded executor uses to
 serialize the frontend and the backend callbacks; every method below takes it, so callers that need several calls to
 be atomic hold ``with store.lock:`` around them.
@@ -22,6 +31,29 @@ from mast3r_slam_ros.lie import Sim3
 from mast3r_slam_ros.slam.frame import Frame
 
 
+def feat_storage_dtype(predictor) -> torch.dtype:
+    """Storage dtype for keyframe encoder tokens: the network trunk's compute dtype.
+
+    A Mast3rModel (or a wrapper with ``.model``) with ``precision`` ``"bf16"``/``"fp16"`` runs the decoder under
+    autocast, whose first op on the tokens (``decoder_embed``) casts them to that dtype anyway, and with a bf16/fp16
+    ``head_precision`` the heads cast their inputs to it too — then storing the tokens rounded changes no decode at
+    all. With float32 heads the heads' layer-0 input (the encoder tokens themselves) is rounded to bf16 (relative
+    2^-9, far below the bf16 trunk's own error), so decodes are not bitwise equal: the GPU accuracy run checks it.
+    Anything else (fp32/tf32 trunk, the oracle, unknown predictors) -> ``torch.float32`` (keep).
+    """
+    m = getattr(predictor, "model", predictor)
+    trunk = getattr(m, "precision", None)
+    if trunk == "bf16":
+        return torch.bfloat16
+    if trunk == "fp16":
+        return torch.float16
+    return torch.float32
+
+
+#: Frame fields that live on the host by design (not counted in the device memory)
+_HOST_FIELDS = ("uimg", "true_shape")
+
+
 class KeyframeCapacityError(RuntimeError):
     """Raised when appending a keyframe beyond ``runtime.max_keyframes``."""
 
@@ -31,15 +63,23 @@ class KeyframeStore:
 
     Args:
         max_keyframes: cap on the number of keyframes (``runtime.max_keyframes``, default 2000); must be >= 1.
+        feat_dtype: storage dtype of keyframe encoder tokens applied by :meth:`compact`; None = not decided yet (the
+            Backend sets :func:`feat_storage_dtype` of its predictor; until then tokens are kept as they are),
+            ``torch.float32`` = keep float32.
+        keep_images: keep the normalized image ``img`` of keyframes (default False: released once encoded).
     Attributes:
         lock: ``threading.RLock`` guarding the store for multi-threaded ROS executors.
         version: int, bumped whenever keyframes are added/removed or poses/pointmaps change.
     """
 
-    def __init__(self, max_keyframes: int = 2000):
+    def __init__(self, max_keyframes: int = 2000, *, feat_dtype: torch.dtype | None = None, keep_images: bool = False):
         if int(max_keyframes) < 1:
             raise ValueError(f"max_keyframes must be >= 1, got {max_keyframes}")
+        if feat_dtype is not None and not (isinstance(feat_dtype, torch.dtype) and feat_dtype.is_floating_point):
+            raise ValueError(f"feat_dtype must be a floating torch.dtype or None, got {feat_dtype!r}")
         self.max_keyframes = int(max_keyframes)
+        self.feat_dtype = feat_dtype
+        self.keep_images = bool(keep_images)
         self.lock = threading.RLock()
         self._frames: list[Frame] = []
         self._dirty: set[int] = set()
@@ -96,6 +136,8 @@ class KeyframeStore:
                                  f"{tuple(self._frames[0].X_canon.shape)}")
             self._frames.append(frame)
             idx = len(self._frames) - 1
+            if not self.keep_images:
+                frame.release_image()
             self.mark_dirty(idx)
             return idx
 
@@ -184,6 +226,42 @@ class KeyframeStore:
             return out
 
     get_dirty_idx = dirty
+
+    # ------------------------------------------------------------------------------------------------ memory
+    def compact(self, idx: int) -> None:
+        """Store keyframe ``idx``'s tokens in ``feat_dtype`` (if set) and release its image unless ``keep_images``.
+
+        Call after every reader of the float32 tokens is done (the backend: after the retrieval update)."""
+        with self.lock:
+            f = self._frames[self._check(idx)]
+            if self.feat_dtype is not None and f.feat is not None and f.feat.dtype != self.feat_dtype:
+                f.feat = f.feat.to(self.feat_dtype)
+            if not self.keep_images:
+                f.release_image()
+
+    def memory_report(self) -> dict:
+        """Bytes held by the keyframes' tensors.
+
+        Returns:
+            ``{"keyframes": n, "device_total": bytes, "per_keyframe": device_total // n (0 if empty),
+            "by_field": {name: bytes}, "host_total": bytes}``; ``by_field`` sums :meth:`Frame.nbytes` over the
+            keyframes; ``uimg`` and ``true_shape`` (host tensors by design) count in ``host_total``, every other field
+            (on the SLAM device) in ``device_total``.
+        """
+        with self.lock:
+            by_field: dict[str, int] = {}
+            for f in self._frames:
+                for k, b in f.nbytes().items():
+                    by_field[k] = by_field.get(k, 0) + b
+            host = sum(b for k, b in by_field.items() if k in _HOST_FIELDS)
+            dev_total = sum(b for k, b in by_field.items() if k not in _HOST_FIELDS)
+            n = len(self._frames)
+            return {"keyframes": n, "device_total": dev_total, "per_keyframe": dev_total // n if n else 0,
+                    "by_field": by_field, "host_total": host}
+
+    def nbytes(self) -> int:
+        """Device bytes of all keyframes (``memory_report()["device_total"]``)."""
+        return self.memory_report()["device_total"]
 
     def frame_ids(self) -> list[int]:
         """``frame_id`` of every keyframe, in keyframe order."""

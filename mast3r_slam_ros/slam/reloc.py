@@ -122,6 +122,8 @@ def relocalize(frame: Any, store: Any, graph: Any, retrieval: Any, predictor: An
             log.error("relocalization of frame %d: %s", frame.frame_id, out.message)
             return out
         retrieval.add(frame.feat, idx)
+        if hasattr(store, "compact"):  # tokens in the storage dtype, image released (issue 8 memory bound)
+            store.compact(idx)
         result = graph.solve()
     if result is not None and not result.ok:
         log.warning("relocalization of frame %d: global solve reported: %s", frame.frame_id, result.message)
