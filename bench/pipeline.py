@@ -414,6 +414,13 @@ def run_variant(args, variant: str, kb: str, model: Mast3rModel | None, oracle: 
     if hasattr(net, "stats"):
         st = net.stats
         out["graphs"] = {"captured": st.captured, "replays": st.replays, "eager": st.eager, "failed": st.failed}
+    if keyframe_every_frame:  # --memory-keyframes: where the device bytes of the SLAM state are (issue 8)
+        g = backend.graph if backend is not None else None
+        out["memory_report"] = {
+            "keyframe_store": system.store.memory_report(),
+            "factor_graph": g.memory_report() if hasattr(g, "memory_report") else None,
+            "last_solve_chunks": getattr(g, "last_solve_chunks", None),
+            "current_mem_gib": torch.cuda.memory_allocated(dev) / 2**30 if dev.type == "cuda" else None}
     # trajectory error against the poses (the oracle is exact, so this checks the pipeline, not the network)
     try:
         out["ate_rmse_m"] = ate_rmse(system, oracle, stamps)
@@ -600,6 +607,12 @@ def main(argv: list[str] | None = None) -> int:
         mem = run_variant(args, variants[-1], "auto", model, moracle, mimages, stamps, dev, args.memory_keyframes,
                           keyframe_every_frame=True)
         print(json.dumps({k: mem[k] for k in ("variant", "keyframes", "peak_mem_gib", "fps")}), flush=True)
+        mr = mem.get("memory_report") or {}
+        ks, fgr = mr.get("keyframe_store") or {}, mr.get("factor_graph") or {}
+        print(json.dumps({"per_keyframe_bytes": ks.get("per_keyframe"), "keyframe_bytes_by_field": ks.get("by_field"),
+                          "per_edge_bytes": fgr.get("per_edge"), "edges": fgr.get("edges"),
+                          "graph_total_bytes": fgr.get("total"), "solve_chunks": mr.get("last_solve_chunks"),
+                          "current_mem_gib": mr.get("current_mem_gib")}), flush=True)
 
     # ---- table
     print(f"\nSlamSystem pipeline on {name} ({dev.type}), {W}x{H}, {args.frames} frames "
