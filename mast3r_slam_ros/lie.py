@@ -23,12 +23,13 @@ stored quaternion normalised (as lietorch's ``RxSO3`` constructor does).
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Sim3", "skew", "act_jacobian", "quat_multiply", "quat_rotate", "quat_to_matrix"]
+__all__ = ["Sim3", "skew", "act_jacobian", "quat_multiply", "quat_rotate", "quat_to_matrix", "retr_host"]
 
 # |z| = |sigma + i theta| below which W's coefficients come from their power series (see module docstring).
 _SERIES_RADIUS = 0.25
@@ -492,3 +493,84 @@ class Sim3:
         top = torch.cat((skew(omega) + sigma.unsqueeze(-1) * eye, tau.unsqueeze(-1)), dim=-1)
         bottom = torch.zeros(*xi.shape[:-1], 1, 4, dtype=xi.dtype, device=xi.device)
         return torch.cat((top, bottom), dim=-2)
+
+
+# ------------------------------------------------------------------------------------------- one element, on the host
+def _w_coeffs_host(theta2: float, sigma: float) -> tuple[float, float, float]:
+    """Scalar float64 twin of :func:`_w_coeffs` (same series / closed-form split, same formulas)."""
+    theta = math.sqrt(theta2)
+    if theta2 + sigma * sigma < _SERIES_RADIUS ** 2:
+        P, Q, R, S = 1.0, 0.0, 0.0, 1.0
+        A, B, C = 0.0, 0.0, 1.0
+        fact = 1.0
+        for n in range(1, _SERIES_TERMS + 1):
+            P, Q, R, S = sigma * P - theta2 * Q, P + sigma * Q, sigma * R + Q, S * sigma
+            fact *= n + 1
+            A += Q / fact
+            B += R / fact
+            C += S / fact
+        return A, B, C
+    es = math.exp(sigma)
+    C = 1.0 + 0.5 * sigma if abs(sigma) < _TINY else math.expm1(sigma) / sigma
+    if theta < _TINY:
+        A = ((sigma - 1.0) * es + 1.0) / (sigma * sigma)
+        B = (0.5 * sigma * sigma * es + es - 1.0 - sigma * es) / sigma ** 3
+        return A, B, C
+    a, b, c = es * math.sin(theta), es * math.cos(theta), theta2 + sigma * sigma
+    A = (a * sigma + (1.0 - b) * theta) / (theta * c)
+    B = (C - ((b - 1.0) * sigma + a * theta) / c) / theta2
+    return A, B, C
+
+
+def _qmul_host(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float, float]:
+    ax, ay, az, aw = a
+    bx, by, bz, bw = b
+    return (aw * bx + ax * bw + ay * bz - az * by, aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw, aw * bw - ax * bx - ay * by - az * bz)
+
+
+def _qrot_host(q: Sequence[float], v: Sequence[float]) -> tuple[float, float, float]:
+    x, y, z, w = q
+    # v + 2w (u × v) + 2 u × (u × v), u = (x, y, z)
+    cx, cy, cz = y * v[2] - z * v[1], z * v[0] - x * v[2], x * v[1] - y * v[0]
+    return (v[0] + 2.0 * (w * cx + y * cz - z * cy), v[1] + 2.0 * (w * cy + z * cx - x * cz),
+            v[2] + 2.0 * (w * cz + x * cy - y * cx))
+
+
+def retr_host(data: Sequence[float], xi: Sequence[float]) -> list[float]:
+    """Left retraction ``Exp(xi)·T`` of ONE Sim(3) element in float64 Python scalars (no tensor ops).
+
+    The same math as :meth:`Sim3.retr` (series / closed forms of ``W``, quaternion renormalisation), for host loops
+    that update a single pose many times per frame (the tracker's Gauss–Newton loop), where ~100 tiny tensor ops of
+    the batched implementation cost ~0.6 ms per call and this costs ~20 µs.
+
+    Args: data: 8 numbers ``[tx, ty, tz, qx, qy, qz, qw, s]``; xi: 7 numbers ``[tau, omega, sigma]``.
+    Returns: the 8 numbers of ``Exp(xi)·T`` (float64). Raises: ValueError on wrong lengths.
+    """
+    d = [float(v) for v in data]
+    x = [float(v) for v in xi]
+    if len(d) != 8 or len(x) != 7:
+        raise ValueError(f"retr_host: expected 8 pose and 7 tangent values, got {len(d)} and {len(x)}")
+    tau, om, sigma = x[0:3], x[3:6], x[6]
+    theta2 = om[0] * om[0] + om[1] * om[1] + om[2] * om[2]
+    theta = math.sqrt(theta2)
+    if theta < _TINY:
+        imag, real = 0.5 - theta2 / 48.0 + theta2 * theta2 / 3840.0, 1.0 - theta2 / 8.0 + theta2 * theta2 / 384.0
+    else:
+        imag, real = math.sin(0.5 * theta) / theta, math.cos(0.5 * theta)
+    q1 = [imag * om[0], imag * om[1], imag * om[2], real]
+    n1 = math.sqrt(sum(v * v for v in q1))
+    q1 = [v / n1 for v in q1]
+    A, B, C = _w_coeffs_host(theta2, sigma)
+    wv = (om[1] * tau[2] - om[2] * tau[1], om[2] * tau[0] - om[0] * tau[2], om[0] * tau[1] - om[1] * tau[0])
+    wwv = (om[1] * wv[2] - om[2] * wv[1], om[2] * wv[0] - om[0] * wv[2], om[0] * wv[1] - om[1] * wv[0])
+    t1 = [A * wv[k] + B * wwv[k] + C * tau[k] for k in range(3)]
+    s1 = math.exp(sigma)
+    q2 = d[3:7]
+    n2 = math.sqrt(sum(v * v for v in q2))
+    q2 = [v / n2 for v in q2]
+    Rt2 = _qrot_host(q1, d[0:3])
+    q = _qmul_host(q1, q2)
+    nq = math.sqrt(sum(v * v for v in q))
+    return [s1 * Rt2[0] + t1[0], s1 * Rt2[1] + t1[1], s1 * Rt2[2] + t1[2],
+            q[0] / nq, q[1] / nq, q[2] / nq, q[3] / nq, s1 * d[7]]

@@ -324,3 +324,22 @@ def test_cuda_matches_cpu():
     X = torch.randn(64, 10, 3)
     assert torch.allclose(T[:, None].act(X.cuda()).cpu(), Sim3.exp(xi)[:, None].act(X), atol=1e-5)
     assert torch.allclose(T.log().cpu(), Sim3.exp(xi).log(), atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e-4, 0.1, 0.3, 1.0, 3.0])
+def test_retr_host_equals_batched_retr(scale):
+    from mast3r_slam_ros.lie import retr_host
+
+    g = torch.Generator().manual_seed(int(scale * 1e9) % 1000 + 7)
+    T = Sim3.exp(torch.randn(16, 7, generator=g, dtype=torch.float64))
+    xi = torch.randn(16, 7, generator=g, dtype=torch.float64) * scale
+    xi[0, 3:6] = 0.0  # pure translation + scale
+    xi[1, 6] = 0.0  # no scale change
+    ref = T.retr(xi).data
+    got = torch.tensor([retr_host(T.data[i].tolist(), xi[i].tolist()) for i in range(16)], dtype=torch.float64)
+    # q and -q are the same rotation: compare on the matrices and the translation/scale
+    assert torch.allclose(got[:, :3], ref[:, :3], atol=1e-12, rtol=1e-12)
+    assert torch.allclose(got[:, 7], ref[:, 7], rtol=1e-13)
+    assert torch.allclose(Sim3(got).matrix(), Sim3(ref).matrix(), atol=1e-12)
+    with pytest.raises(ValueError):
+        retr_host([0.0] * 7, [0.0] * 7)

@@ -194,7 +194,8 @@ def test_host_gn_loop_equals_eager_loop_on_cpu():
                          torch.device("cpu"), p)
     assert host.iterations == eager.iterations and host.converged == eager.converged
     assert host.n_valid == eager.n_valid
-    assert math.isclose(host.cost, eager.cost, rel_tol=1e-9)
+    # the host loop retracts in float64 (lie.retr_host), the eager loop in float32: costs agree to float32 rounding
+    assert math.isclose(host.cost, eager.cost, rel_tol=1e-6)
     torch.testing.assert_close(host.T.data, eager.T.data, rtol=1e-6, atol=1e-6)
 
 

@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,7 +31,7 @@ from mast3r_slam_ros import geometry, kernels
 from mast3r_slam_ros.kernels.track_torch import (_skew, calib_residual, huber_weight, normal_equations,  # noqa: F401
                                                  point_jacobian, ray_dist_residual, track_system_calib_torch,
                                                  track_system_rays_torch)
-from mast3r_slam_ros.lie import Sim3
+from mast3r_slam_ros.lie import Sim3, retr_host
 from mast3r_slam_ros.slam.frame import Frame
 from mast3r_slam_ros.slam.keyframes import KeyframeStore
 from mast3r_slam_ros.slam.matching import MatchParams, match_asymmetric
@@ -117,7 +118,7 @@ def solve_step(J: Tensor, r: Tensor, sqrt_info: Tensor, huber: float) -> tuple[T
 def _converged(step: int, old_cost: float, new_cost: float, delta: Tensor, rel_error: float, delta_norm: float) -> bool:
     """Upstream ``check_convergence``: relative cost decrease < rel_error or ‖δ‖ < delta_norm (at step 0 only the δ
     test can fire because the previous cost is +inf)."""
-    small_step = float(torch.linalg.norm(delta)) < delta_norm
+    small_step = float(np.linalg.norm(np.asarray(delta, dtype=np.float64))) < delta_norm
     if step == 0 or not math.isfinite(old_cost) or old_cost <= 0.0:
         return small_step
     return abs(old_cost - new_cost) / old_cost < rel_error or small_step
@@ -157,32 +158,37 @@ def _host_gn_loop(system, T_host: Tensor, device: torch.device, p: TrackingParam
     Returns: :class:`PoseResult` with ``T`` on ``device`` (uploaded without a host sync).
 
     Host syncs: exactly one per iteration (the ``.cpu()`` of the 58 values); the pose travels host -> device with a
-    non-blocking copy and the Cholesky + retraction run on the CPU copy of the pose.
+    non-blocking copy. The Cholesky solve (NumPy) and the retraction (:func:`lie.retr_host`) run in float64 on the
+    host copy of the pose: ~30 µs per iteration instead of ~0.7 ms of tiny tensor ops.
     """
-    Tc = Sim3(T_host)
+    Tc = [float(v) for v in T_host.reshape(8).tolist()]  # float64 host pose
     old_cost = math.inf
     it, conv, cost, n_valid = 0, False, math.inf, 0
     for step in range(int(p.max_iters)):
-        packed = system(Tc.data.to(device, non_blocking=True)).cpu()
+        Tdev = torch.tensor(Tc, dtype=torch.float32).reshape(1, 8).to(device, non_blocking=True)
+        packed = system(Tdev).cpu().numpy()
         cost, n_valid = 0.5 * float(packed[56]), int(packed[57])
-        H, g = packed[:49].reshape(7, 7), -packed[49:56].reshape(7, 1)
-        L, info = torch.linalg.cholesky_ex(H)
-        if int(info) != 0 or not torch.isfinite(L).all() or not torch.isfinite(packed).all():
-            raise TrackingFailure(f"Cholesky of the 7x7 tracking system failed (info={int(info)}); too few "
-                                  "constraints")
-        delta = torch.cholesky_solve(g, L).reshape(7)
-        if not torch.isfinite(delta).all():
+        if not np.isfinite(packed).all():
+            raise TrackingFailure("non-finite tracking normal equations (NaN/inf residuals)")
+        H, g = packed[:49].reshape(7, 7), -packed[49:56]
+        try:
+            L = np.linalg.cholesky(H)
+        except np.linalg.LinAlgError:
+            raise TrackingFailure("Cholesky of the 7x7 tracking system failed (not positive definite); too few "
+                                  "constraints") from None
+        delta = np.linalg.solve(L.T, np.linalg.solve(L, g))
+        if not np.isfinite(delta).all():
             raise TrackingFailure("non-finite Gauss-Newton step")
-        Tc = Tc.retr(delta.to(Tc.data.dtype).reshape(1, 7))
-        if not torch.isfinite(Tc.data).all():
+        Tc = retr_host(Tc, delta)
+        if not all(math.isfinite(v) for v in Tc):
             raise TrackingFailure("pose became non-finite during Gauss-Newton")
         it = step + 1
         if _converged(step, old_cost, cost, delta, p.rel_error, p.delta_norm):
             conv = True
             break
         old_cost = cost
-    return PoseResult(T=Sim3(Tc.data.to(device, non_blocking=True)), iterations=it, converged=conv, cost=cost,
-                      n_valid=n_valid)
+    T_out = torch.tensor(Tc, dtype=torch.float32).reshape(1, 8).to(device, non_blocking=True)
+    return PoseResult(T=Sim3(T_out), iterations=it, converged=conv, cost=cost, n_valid=n_valid)
 
 
 def _graphed_gn_loop(key: tuple, system_fn, tensors: list[Tensor], T: Sim3, p: TrackingParams,
