@@ -178,6 +178,18 @@ class BoxRoomOracle:
         return res1, self._view2(T1, P2, self.embed(P2) if nd2 else None, nd2)
 
 
+def _write_index(feat: torch.Tensor, i: int) -> None:
+    """Tag encoder tokens with the sequence index as two base-128 digits (exact even after the keyframe store keeps
+    the tokens in bfloat16, which holds integers only up to 256)."""
+    feat[:, 0, 0] = float(i // 128)
+    feat[:, 0, 1] = float(i % 128)
+
+
+def _read_index(feat: torch.Tensor) -> torch.Tensor:
+    """``[B]`` long sequence indices written by :func:`_write_index` (read on the device, no host sync)."""
+    return (feat[:, 0, 0].float().round() * 128 + feat[:, 0, 1].float().round()).long()
+
+
 class HybridPredictor:
     """Predictor: full network compute (timing) + oracle outputs (see the module docstring).
 
@@ -197,6 +209,12 @@ class HybridPredictor:
         self.timer = timer
         self._index_of: dict[int, tuple] = {}  # data_ptr -> (weakref to the encoded feat, sequence index)
 
+    @property
+    def model(self) -> Any:
+        """The wrapped Mast3rModel (None without a network): the keyframe store reads its trunk precision to store
+        encoder tokens in that dtype, as with the real predictor."""
+        return getattr(self.network, "model", self.network)
+
     def _host_index(self, feat: torch.Tensor) -> int | None:
         if feat.shape[0] != 1:
             return None
@@ -213,7 +231,7 @@ class HybridPredictor:
             B, _, H, W = img.shape
             feat = torch.randn(B, (H // 16) * (W // 16), 16, device=img.device)
             pos = torch.zeros(B, (H // 16) * (W // 16), 2, dtype=torch.long, device=img.device)
-        feat[:, 0, 0] = float(self.next_index)
+        _write_index(feat, self.next_index)
         if feat.shape[0] == 1:
             import weakref
 
@@ -228,8 +246,7 @@ class HybridPredictor:
         i1, i2 = self._host_index(feat1), self._host_index(feat2)
         if i1 is not None and i2 is not None:
             return self._t("oracle", lambda: self.oracle.pair_host(i1, i2, need_res2, need_desc))
-        idx1 = feat1[:, 0, 0].round().long()
-        idx2 = feat2[:, 0, 0].round().long()
+        idx1, idx2 = _read_index(feat1), _read_index(feat2)
         return self._t("oracle", lambda: self.oracle.pair(idx1, idx2, need_res2, need_desc))
 
 
