@@ -311,3 +311,46 @@ def test_keyframe_cap_is_a_clear_error_and_tracking_goes_on(translation_seq):
             raised += 1
     assert raised >= 1 and len(system.keyframes()) == 2
     assert len(system.trajectory()) == len(translation_seq)  # every frame still has a pose
+
+
+def test_backend_step_does_not_hold_the_store_lock_during_edges_and_solve(monkeypatch):
+    """Issue 8: in the multi-threaded executor the backend's decodes and global solve must not block tracking, so
+    ``Backend.step`` holds ``store.lock`` only briefly; another thread can take it while edges and the solve run."""
+    import threading
+
+    seq = render_sequence("slow_translation", n_frames=6, size=SIZE)
+    system = SlamSystem(OraclePredictor(seq, noise=OracleNoise.none()),
+                        make_cfg(**{"runtime.sync_backend": False, "tracking.match_frac_thresh": 0.99}),
+                        preprocess=native_preprocess)
+    for i in range(3):
+        system.track(seq.images[i], int(seq.stamps_ns[i]))
+    assert system.backend.has_work()
+    seen = []
+
+    def other_thread_can_lock() -> bool:
+        out = []
+
+        def probe():
+            got = system.store.lock.acquire(timeout=5.0)
+            out.append(got)
+            if got:
+                system.store.lock.release()
+
+        t = threading.Thread(target=probe)
+        t.start()
+        t.join()
+        return bool(out and out[0])
+
+    graph = system.backend.graph
+    for name in ("add_factors", "solve"):
+        orig = getattr(graph, name)
+
+        def wrapped(*a, _orig=orig, _name=name, **kw):
+            seen.append((_name, other_thread_can_lock()))
+            return _orig(*a, **kw)
+
+        monkeypatch.setattr(graph, name, wrapped)
+    while system.backend_step():
+        pass
+    assert seen and all(ok for _, ok in seen), seen
+    assert {n for n, _ in seen} == {"add_factors", "solve"}

@@ -31,6 +31,7 @@ retrieval whitening, ``network/retrieval.py``) if it has one, else the norm-base
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable
 
 from mast3r_slam_ros.slam.factor_graph import FactorGraph
@@ -58,6 +59,9 @@ class Backend:
         last_result: the last ``GNResult`` (or None). last_reloc: the last :class:`RelocResult` (or None).
         n_solve_failures: number of global solves that reported ``ok=False``.
         n_relocalizations: successful relocalizations.
+        lock: re-entrant lock held for a whole :meth:`step`, :meth:`relocalize` or :meth:`reset` (lock order: this
+            lock, then ``store.lock``). The store lock is held only for short reads/writes, so tracking in another
+            executor thread is not blocked by the network decodes and the global solve.
     """
 
     loop_min_gap = 5
@@ -75,6 +79,7 @@ class Backend:
         tr = getattr(cfg, "tracking", None) if cfg is not None else None
         self.filtering_mode = str(getattr(tr, "filtering_mode", "weighted_pointmap")) if tr is not None \
             else "weighted_pointmap"
+        self.lock = threading.RLock()  # one backend step / relocalization / reset at a time (taken BEFORE store.lock)
         self.queue: list[int] = []
         self.loop_closures = 0
         self.loop_edges: list[tuple[int, int]] = []
@@ -112,17 +117,22 @@ class Backend:
         A failed solve is logged (``logging.ERROR`` by the factor graph) and counted in ``n_solve_failures``; the
         keyframe is dequeued either way (upstream pops the task after the solve).
         """
-        if not self.queue:
-            return False
-        idx = self.queue.pop(0)
-        from mast3r_slam_ros.slam import matching
+        with self.lock:
+            if not self.queue:
+                return False
+            idx = self.queue.pop(0)
+            from mast3r_slam_ros.slam import matching
 
-        with self.store.lock:
-            kf = self.store[idx]
-            matching.ensure_encoded(self.predictor, kf)
-            cands = self.retrieval.update(kf.feat, idx, add_after_query=True)
-            if hasattr(self.store, "compact"):  # retrieval has read the float32 tokens: store them compactly
-                self.store.compact(idx)
+            with self.store.lock:  # short: the keyframe's tokens and their compaction
+                kf = self.store[idx]
+                matching.ensure_encoded(self.predictor, kf)
+                cands = self.retrieval.update(kf.feat, idx, add_after_query=True)
+                if hasattr(self.store, "compact"):  # retrieval has read the float32 tokens: store them compactly
+                    self.store.compact(idx)
+            # edges (network decodes) and the global solve run WITHOUT the store lock, so a multi-threaded executor
+            # keeps tracking meanwhile: they read keyframe tensors that tracking only ever replaces (never edits in
+            # place) and write poses through store.set_poses, which takes the lock itself; the tracker anchors each
+            # frame to its keyframe's pose at the end of tracking (spec §1.4 runs the backend concurrently too).
             if not self.loop_closure:
                 cands = [c for c in cands if idx - c < self.loop_min_gap]
             kf_idx = sorted(({idx - 1} if idx >= 1 else set()) | set(cands) - {idx})
@@ -135,10 +145,10 @@ class Backend:
                         self.loop_edges.append((i, idx))
                         log.info("loop closure: keyframe %d <-> %d", i, idx)
             res = self.graph.solve()
-        self.last_result = res
-        if res is not None and not res.ok:
-            self.n_solve_failures += 1
-        return True
+            self.last_result = res
+            if res is not None and not res.ok:
+                self.n_solve_failures += 1
+            return True
 
     # ------------------------------------------------------------------------------------------------ reloc
     def relocalize(self, frame: Any) -> bool:
@@ -149,7 +159,7 @@ class Backend:
         """
         if len(self.store) == 0:
             return False
-        with self.store.lock:
+        with self.lock, self.store.lock:
             self.last_reloc = relocalize(frame, self.store, self.graph, self.retrieval, self.predictor,
                                          self.reloc_params, self.filtering_mode)
         if self.last_reloc.success:
@@ -158,7 +168,11 @@ class Backend:
         return self.last_reloc.success
 
     def reset(self) -> None:
-        """Forget all queued work, edges and database entries."""
+        """Forget all queued work, edges and database entries (waits for a running :meth:`step`)."""
+        with self.lock:
+            self._reset()
+
+    def _reset(self) -> None:
         self.queue.clear()
         self.graph.reset()
         self.retrieval.reset()

@@ -15,6 +15,7 @@ Stamps: ``track`` requires strictly increasing ``stamp_ns``; an out-of-order or 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -197,7 +198,8 @@ class SlamSystem:
 
     def reset(self) -> None:
         """Forget everything (keyframes, trajectory, backend state); next frame initializes a new map."""
-        with self.store.lock:
+        backend_lock = self.backend.lock if self.backend is not None else contextlib.nullcontext()
+        with backend_lock, self.store.lock:  # lock order of the backend: its own lock, then the store's
             self.store.clear()
             if self.backend is not None:
                 self.backend.reset()
@@ -407,15 +409,19 @@ class SlamSystem:
         if voxel_size < 0:
             raise ValueError(f"voxel_size must be >= 0, got {voxel_size}")
         xyz_all, rgb_all = [], []
-        with self.store.lock, torch.inference_mode():
-            for f in self.store:
-                X = f.X_canon
+        # snapshot under the lock (tracking and the backend replace these tensors, never edit them in place), then
+        # compute and copy to the host without it so a multi-threaded executor keeps tracking meanwhile
+        with self.store.lock:
+            snap = [(f.X_canon, f.C, f.N, f.T_WC, f.uimg, f.height, f.width) for f in self.store
+                    if f.X_canon is not None and f.N > 0]
+        with torch.inference_mode():
+            for X, C, N, T_WC, uimg, H, W in snap:
                 if self.use_calib and self.K is not None:
-                    X = geometry.constrain_points_to_ray((f.height, f.width), X.unsqueeze(0), self.K)[0]
-                Xw = f.T_WC.act(X.to(f.T_WC.data.dtype))
-                mask = (f.average_conf()[:, 0] > conf_threshold) & torch.isfinite(Xw).all(-1)
+                    X = geometry.constrain_points_to_ray((H, W), X.unsqueeze(0), self.K)[0]
+                Xw = T_WC.act(X.to(T_WC.data.dtype))
+                mask = ((C / N)[:, 0] > conf_threshold) & torch.isfinite(Xw).all(-1)
                 xyz_all.append(Xw[mask].float().cpu().numpy())
-                rgb_all.append(f.uimg.reshape(-1, 3)[mask.cpu()].numpy())
+                rgb_all.append(uimg.reshape(-1, 3)[mask.cpu()].numpy())
         if not xyz_all:
             return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8)
         xyz = np.concatenate(xyz_all).astype(np.float32)
