@@ -210,6 +210,11 @@ class HybridPredictor:
         self._index_of: dict[int, tuple] = {}  # data_ptr -> (weakref to the encoded feat, sequence index)
 
     @property
+    def max_decode_batch(self) -> int | None:
+        """The wrapped network's graphed decoder batch (the backend splits its symmetric decodes into it)."""
+        return getattr(self.network, "max_decode_batch", None)
+
+    @property
     def model(self) -> Any:
         """The wrapped Mast3rModel (None without a network): the keyframe store reads its trunk precision to store
         encoder tokens in that dtype, as with the real predictor."""

@@ -156,3 +156,42 @@ def test_tracker_graphed_gn_matches_eager_on_cuda():
     assert fast.iterations == slow.iterations and fast.converged == slow.converged and fast.n_valid == slow.n_valid
     torch.testing.assert_close(fast.T.data, slow.T.data, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast.T.data.cpu(), T_true.data, rtol=0, atol=5e-3)
+
+
+def test_symmetric_batch_splits_decodes_into_the_predictors_graphed_batch():
+    """Backend decodes are split into ``max_decode_batch`` pairs (graph replays instead of one eager batch of 2B) and
+    give the same stacked outputs as one batch."""
+    from mast3r_slam_ros.network.heads import HeadOutput
+    from mast3r_slam_ros.network.inference import symmetric_batch
+
+    class Fake:
+        supports_batched_decode = True
+
+        def __init__(self, max_decode_batch):
+            self.max_decode_batch = max_decode_batch
+            self.batches = []
+
+        def decode(self, f1, p1, f2, p2, shape, **kw):
+            self.batches.append(f1.shape[0])
+            H, W = 2, 3
+            v1 = (f1.sum((1, 2)) * 10 + f2.sum((1, 2)))[:, None, None]
+            v2 = (f2.sum((1, 2)) * 10 + f1.sum((1, 2)))[:, None, None]
+            out = []
+            for v in (v1, v2):
+                base = v.expand(-1, H, W)
+                out.append(HeadOutput(base[..., None].expand(-1, H, W, 3).clone(), 1 + base.abs(),
+                                      torch.nn.functional.normalize(base[..., None].expand(-1, H, W, 24) + 1, dim=-1),
+                                      1 + base.abs()))
+            return out[0], out[1]
+
+    g = torch.Generator().manual_seed(0)
+    fi, fj = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g)
+    pi = pj = torch.zeros(3, 4, 2, dtype=torch.long)
+    shape = torch.tensor([[2, 3]])
+    split, whole = Fake(2), Fake(None)
+    a = symmetric_batch(split, fi, pi, fj, pj, shape)
+    b = symmetric_batch(whole, fi, pi, fj, pj, shape)
+    assert split.batches == [2, 2, 2] and whole.batches == [6]
+    for name in ("X", "C", "D", "Q"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert GraphedPredictor.max_decode_batch.fget is not None

@@ -124,8 +124,10 @@ class GraphedPredictor:
         model: the :class:`~mast3r_slam_ros.network.model.Mast3rModel` (its ``precision`` is used; eval mode).
         enabled: None = automatic (:func:`graphs_available` for the model's device), False = always eager,
             True = like None (graphs when available).
-        graph_batches: decoder batch sizes that get graphs (default ``(1,)``: tracking and mono; the backend's
-            variable symmetric batches run eagerly).
+        graph_batches: decoder batch sizes that get graphs (default ``(1, 2)``: tracking and mono decode one pair,
+            the backend's symmetric decodes are split into batches of :attr:`max_decode_batch` = ``max(graph_batches)``
+            by ``network.inference.symmetric_batch``, so they replay a graph too instead of running eagerly with a
+            batch-size-dependent activation peak).
         max_graphs: at most this many captured signatures (each holds its static buffers).
         cast_trunk: for bf16/fp16, store the trunk Linear/Conv weights in that dtype (see module docstring).
         warmup: eager runs on a side stream before each capture (cuBLAS/cuDNN workspace and algorithm selection).
@@ -149,7 +151,7 @@ class GraphedPredictor:
     supports_partial_decode = True
     supports_batched_decode = True
 
-    def __init__(self, model: Any, enabled: bool | None = None, graph_batches: Sequence[int] = (1,),
+    def __init__(self, model: Any, enabled: bool | None = None, graph_batches: Sequence[int] = (1, 2),
                  max_graphs: int = 8, cast_trunk: bool = True, warmup: int = 2, cudnn_benchmark: bool = False,
                  heads_channels_last: bool = True, parallel_heads: bool = True, head_precision: str | None = None,
                  decoder_streams: bool = True) -> None:
@@ -302,6 +304,12 @@ class GraphedPredictor:
         with torch.cuda.graph(graph, pool=self._pool):
             outputs = fn(*static)
         return _Graph(graph, static, outputs)
+
+    @property
+    def max_decode_batch(self) -> int | None:
+        """Largest graphed decoder batch (callers with many pairs split their decodes into batches of this size);
+        None when graphs are off (then one eager batch is fastest)."""
+        return max(self.graph_batches) if self.enabled and self.graph_batches else None
 
     # ------------------------------------------------------------------ Predictor API
     def encode(self, img: Tensor, true_shape: Tensor | Sequence[int] | None = None) -> tuple[Tensor, Tensor]:

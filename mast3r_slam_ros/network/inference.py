@@ -113,7 +113,8 @@ def symmetric_batch(predictor: Any, feat_i: Tensor, pos_i: Tensor, feat_j: Tenso
     Args:
         feat_i, feat_j: ``[B, P, C]`` cached encoder tokens; pos_i, pos_j: ``[B, P, 2]`` int64.
         shape: ``[1, 2]`` or ``[B, 2]`` int (H, W), one size for all images.
-        max_batch: maximum decoder batch (default: all ``2B`` at once).
+        max_batch: maximum decoder batch (default: the predictor's ``max_decode_batch`` if it has one, e.g. the
+            largest CUDA-graphed batch of a ``GraphedPredictor``, else all ``2B`` at once).
 
     Returns:
         :class:`StackedPrediction` with ``X [4, B, H, W, 3]``, ``C/Q [4, B, H, W]``, ``D [4, B, H, W, F]`` in the
@@ -129,6 +130,8 @@ def symmetric_batch(predictor: Any, feat_i: Tensor, pos_i: Tensor, feat_j: Tenso
     if getattr(predictor, "supports_batched_decode", False):
         f1, p1 = torch.cat([feat_i, feat_j]), torch.cat([pos_i, pos_j])
         f2, p2 = torch.cat([feat_j, feat_i]), torch.cat([pos_j, pos_i])
+        if max_batch is None:
+            max_batch = getattr(predictor, "max_decode_batch", None)
         step = 2 * b if not max_batch else max(1, int(max_batch))
         r1s, r2s = [], []
         for s in range(0, 2 * b, step):

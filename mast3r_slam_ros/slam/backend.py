@@ -123,11 +123,13 @@ class Backend:
             idx = self.queue.pop(0)
             from mast3r_slam_ros.slam import matching
 
-            with self.store.lock:  # short: the keyframe's tokens and their compaction
+            with self.store.lock:  # short: the keyframe and its tokens
                 kf = self.store[idx]
                 matching.ensure_encoded(self.predictor, kf)
-                cands = self.retrieval.update(kf.feat, idx, add_after_query=True)
-                if hasattr(self.store, "compact"):  # retrieval has read the float32 tokens: store them compactly
+                feat = kf.feat
+            cands = self.retrieval.update(feat, idx, add_after_query=True)  # backend-owned database: no store lock
+            if hasattr(self.store, "compact"):  # retrieval has read the float32 tokens: store them compactly
+                with self.store.lock:
                     self.store.compact(idx)
             # edges (network decodes) and the global solve run WITHOUT the store lock, so a multi-threaded executor
             # keeps tracking meanwhile: they read keyframe tensors that tracking only ever replaces (never edits in

@@ -118,7 +118,8 @@ def solve_step(J: Tensor, r: Tensor, sqrt_info: Tensor, huber: float) -> tuple[T
 def _converged(step: int, old_cost: float, new_cost: float, delta: Tensor, rel_error: float, delta_norm: float) -> bool:
     """Upstream ``check_convergence``: relative cost decrease < rel_error or ‖δ‖ < delta_norm (at step 0 only the δ
     test can fire because the previous cost is +inf)."""
-    small_step = float(np.linalg.norm(np.asarray(delta, dtype=np.float64))) < delta_norm
+    norm = torch.linalg.norm(delta) if isinstance(delta, Tensor) else np.linalg.norm(np.asarray(delta, np.float64))
+    small_step = float(norm) < delta_norm
     if step == 0 or not math.isfinite(old_cost) or old_cost <= 0.0:
         return small_step
     return abs(old_cost - new_cost) / old_cost < rel_error or small_step
