@@ -301,18 +301,24 @@ def _solved_poses(store, edges, m, **kw):
 @pytest.mark.parametrize("device", DEVICES)
 def test_compact_storage_matches_float32_solve(device):
     """int32 indices with the valid/Q test folded in and float16 Q give the pre-compaction solve to float16 weight
-    precision (float32 Q: to float32 round-off)."""
+    precision (float32 Q: to float32 round-off); the packed int32 (index + 14..16-bit log Q) layout, the default, too:
+    poses within 1e-4 of the float32-Q storage, relative to the pose magnitude."""
     kernels.set_backend("auto")
     store, edges, m = _noisy_scene(device=device)
     T0 = store.stack_poses(list(range(len(store)))).data.clone()
     ref = _reference_rays_solve(store, edges, m)
-    for q_dtype, tol in ((torch.float32, 1e-5), (torch.float16, 1e-4)):
+    out = {}
+    for q_dtype, tol in ((torch.float32, 1e-5), (torch.float16, 1e-4), (None, 1e-4)):
         store.set_poses(list(range(len(store))), Sim3(T0.clone()))
         T, fg = _solved_poses(store, edges, m, q_dtype=q_dtype)
         assert fg.last_solve_chunks == 1
+        assert (fg.layout is not None) == (q_dtype is None)
         moved = (ref - T0.reshape(-1, 8)).abs().max()
         assert moved > 1e-2  # the solve did something
         torch.testing.assert_close(T, ref, rtol=0, atol=tol)
+        out[q_dtype] = T
+    rel = (out[None] - out[torch.float32]).abs().max() / out[torch.float32].abs().max()
+    assert rel < 1e-4
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -352,8 +358,8 @@ def test_chunked_calib_solve_equals_one_shot_solve(device):
 
 def test_memory_report_accounts_every_stored_byte():
     store, poses, match = _graph_scene(4, seed=8)
-    fg = FactorGraph(store, predictor=None, cfg=None)
-    assert fg.memory_report() == {"edges": 0, "total": 0, "per_edge": 0, "idx": 0, "Q": 0}
+    fg = FactorGraph(store, predictor=None, cfg=None, q_dtype=torch.float16)
+    assert fg.memory_report() == {"edges": 0, "total": 0, "per_edge": 0, "idx": 0, "Q": 0, "q_bits": 0}
     fg.add_matches([0, 1], [1, 2], _fake([match(0, 1), match(1, 2)], "cpu"), 0.1)
     fg.add_matches([0], [3], _fake([match(0, 3)], "cpu"), 0.1)
     rep = fg.memory_report()
@@ -386,3 +392,90 @@ def test_pack_unpack_direction_roundtrip():
     i64, v, Qf = unpack_direction(idx32, q)
     assert i64.tolist() == [[3, 0, 0, 2]] and v[..., 0].tolist() == [[True, False, False, True]]
     assert Qf.dtype == torch.float32 and Qf.shape == (1, 4, 1)
+
+
+def test_packed_layout_roundtrip_and_memory():
+    """The default packed layout: one int32 per pixel and direction; indices exact, unused pixels -1 -> invalid,
+    decoded Q within the layout's stated relative error (half a log step) of the float32 Q, saturated at 65504."""
+    from mast3r_slam_ros.slam.factor_graph import PackedLayout, pack_edges, unpack_edges
+
+    lay = PackedLayout.for_pixels(384 * 512, 1.5)
+    assert (lay.idx_bits, lay.q_bits) == (18, 14) and lay.max_rel_error < 3.3e-4
+    assert PackedLayout.for_pixels(2 ** 20, 1.5) is None  # < 12 bits left for Q: stored apart instead
+    g = torch.Generator().manual_seed(4)
+    n = 384 * 512
+    idx = torch.randint(0, n, (2, n), generator=g)
+    idx[0, :4] = torch.tensor([0, n - 1, 5, 7])
+    Q = 1.5 * torch.exp(torch.rand(2, n, 1, generator=g) * 11.0)  # 1.5 .. 9e4 (above the float16 maximum too)
+    valid = torch.rand(2, n, 1, generator=g) < 0.7
+    Q[0, 2] = 1.5  # not > Q_conf: unused
+    Q[0, 3] = float("nan")
+    packed = pack_edges(idx, valid, Q, 1.5, lay)
+    assert packed.dtype == torch.int32 and packed.shape == (2, n)
+    i64, v, Qd = unpack_edges(packed, lay)
+    use = valid[..., 0] & (Q[..., 0] > 1.5)
+    assert torch.equal(v[..., 0], use) and torch.equal(packed == -1, ~use)
+    assert torch.equal(i64[use], idx[use]) and (i64[~use] == 0).all() and i64.dtype == torch.int64
+    Qc = Q[..., 0].clamp(max=65504.0)
+    rel = ((Qd[..., 0] - Qc).abs() / Qc)[use]
+    assert float(rel.max()) <= lay.max_rel_error + 5e-6  # + float32 round-off of log/exp at |ln Q| <= 11.1
+    # float16 for comparison: the packed code is the finer one on this range
+    rel16 = ((Qc.half().float() - Qc).abs() / Qc)[use]
+    assert float(rel.max()) < float(rel16.max())
+    # Q_conf <= 0: the scale starts at 2^-14
+    lay0 = PackedLayout.for_pixels(100, 0.0)
+    assert lay0.idx_bits == 7 and lay0.q_bits == 25 and abs(math.exp(lay0.log_lo) - 2.0 ** -14) < 1e-12
+
+
+def test_packed_memory_report_and_decoded_edges():
+    store, poses, match = _graph_scene(4, seed=8)
+    fg = FactorGraph(store, predictor=None, cfg=None)  # default: packed
+    fg.add_matches([0, 1], [1, 2], _fake([match(0, 1), match(1, 2, 0.5)], "cpu"), 0.1)
+    rep = fg.memory_report()
+    assert rep["per_edge"] == 2 * 4 * HW and rep["Q"] == 0 and rep["q_bits"] == 32 - HW.bit_length()
+    tensors = [t for e in range(len(fg)) for t in fg.edge_tensors(e).values()]
+    assert len(tensors) == 4 and rep["total"] == sum(t.nbytes for t in tensors) == fg.nbytes()
+    d = fg.edge_matches(1)
+    n_valid = round(0.5 * HW)
+    assert d["valid_ii2jj"][:n_valid].all() and not d["valid_ii2jj"][n_valid:].any()
+    assert torch.equal(d["idx_ii2jj"][:n_valid], match(1, 2)[0][:n_valid])
+    sub = fg.subgraph(lambda i, j: j != 2)
+    assert sub.layout == fg.layout and sub.edges() == [(0, 1)]
+
+
+class _CountingPredictor:
+    """Stands in for the network in :meth:`FactorGraph.match`: records the batch of every symmetric match call."""
+
+    max_decode_batch = 2
+
+    def __init__(self):
+        self.batches = []
+
+
+def test_match_splits_pairs_into_decode_batches(monkeypatch):
+    """match() decodes/matches ``max_decode_batch // 2`` pairs at a time and concatenates the per-pair results in
+    order; offloaded (host) tokens reach the matcher on the device of ``pos``."""
+    from mast3r_slam_ros.slam import matching
+
+    store, poses, _ = _graph_scene(4, seed=8)
+    for k, f in enumerate(store):
+        f.feat = torch.full((1, 3, 4), float(k))
+        f.pos = torch.zeros(1, 3, 2, dtype=torch.int64)
+    pred = _CountingPredictor()
+
+    def fake_match_symmetric(predictor, feat_i, pos_i, feat_j, pos_j, true_shape, params):
+        predictor.batches.append((feat_i[:, 0, 0].tolist(), feat_j[:, 0, 0].tolist()))
+        b = feat_i.shape[0]
+        v = feat_i[:, :1, :1].reshape(b, 1).expand(b, HW)
+        return matching.SymmetricMatch(*(v.clone() for _ in range(10)))
+
+    monkeypatch.setattr(matching, "match_symmetric", fake_match_symmetric)
+    fg = FactorGraph(store, pred)
+    m = fg.match([store[0], store[1], store[2]], [store[3], store[3], store[3]])
+    assert pred.batches == [([0.0], [3.0]), ([1.0], [3.0]), ([2.0], [3.0])]
+    assert m.idx_i2j.shape == (3, HW) and m.Qi[:, 0].tolist() == [0.0, 1.0, 2.0]
+    pred.batches.clear()
+    FactorGraph(store, pred, match_batch=2).match([store[0], store[1], store[2]], [store[3]] * 3)
+    assert [len(b[0]) for b in pred.batches] == [2, 1]
+    with pytest.raises(ValueError):
+        FactorGraph(store, pred, match_batch=0)

@@ -14,6 +14,13 @@ That is ``2·(4 + 2)·HW`` bytes per edge (2.36 MB at 512x384) instead of ``2·(
 indices, separate bool masks and float32 Q. Because the Q threshold is already applied, the solve passes
 ``Q_thresh = −inf`` to the kernels, so float16 rounding of Q changes only the residual weights ``√Q/σ`` (relative
 error ≤ 2.5e-4, see ``test_compact_storage_matches_float32_solve``), never which pixels count.
+
+Packed layout (the default, ``q_dtype=None``, whenever ``HW < 2^20``): index and Q of a pixel share one int32,
+``(code << b) | idx`` with ``b = HW.bit_length()`` index bits (18 at 512x384) and ``q = 32 − b`` bits (14) of a
+logarithmic Q code ``code = round((ln min(Q, 65504) − ln Q_conf) / step)``, ``step = ln(65504/Q_conf)/(2^q − 1)``
+(:class:`PackedLayout`); −1 (all bits set, an index ≥ HW) marks an unused pixel. The relative error of Q is at most
+``step/2`` (3.3e-4 at 14 bits and Q_conf 1.5; float16: ≤ 4.9e-4), of the weights ``√Q`` half that. ``2·4·HW`` bytes
+per edge: 1.57 MB at 512x384.
 :meth:`FactorGraph.memory_report` accounts for every stored byte.
 
 Edge acceptance (§6.2): the match fraction of each direction is ``|valid ∧ Q > local_opt.Q_conf| / HW``; an edge is
@@ -38,6 +45,7 @@ per-edge inputs); only the memory they are computed in differs.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -95,6 +103,70 @@ SOLVE_CHUNK_BYTES = 256 * 2**20
 _KERNEL_EDGE_BYTES_PER_PIXEL = 8 + 1 + 4
 #: bytes per pixel of one keyframe as the kernels take it: float32 X [3] + float32 C [1]
 _KERNEL_KF_BYTES_PER_PIXEL = 16
+#: fewest bits of a packed edge entry left for the log Q code (else Q is stored apart in float16)
+_MIN_Q_BITS = 12
+#: lower end of the log Q scale when ``Q_conf <= 0`` (smaller Q are stored as this value)
+_Q_LO_MIN = 2.0 ** -14
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """One packed int32 per pixel and direction: ``(code << idx_bits) | idx``, −1 = pixel not used.
+
+    ``code`` is the logarithmic Q code ``round((ln clamp(Q, lo, 65504) − log_lo) / log_step)`` in ``q_bits`` bits.
+    Relative error of the decoded Q: at most ``log_step / 2``.
+    """
+
+    idx_bits: int
+    q_bits: int
+    log_lo: float
+    log_step: float
+
+    @classmethod
+    def for_pixels(cls, hw: int, Q_conf: float) -> "PackedLayout | None":
+        """Layout for ``hw`` pixels per image and the threshold ``Q_conf`` (stored Q are ``> Q_conf``); None when
+        fewer than :data:`_MIN_Q_BITS` bits would be left for Q (``hw >= 2^20``)."""
+        b = max(1, int(hw).bit_length())  # 2^b - 1 >= hw: the all-ones sentinel is never a real index
+        q = 32 - b
+        if q < _MIN_Q_BITS:
+            return None
+        lo = max(float(Q_conf), _Q_LO_MIN)
+        log_lo = math.log(lo)
+        return cls(b, q, log_lo, (math.log(_F16_MAX) - log_lo) / (2 ** q - 1))
+
+    @property
+    def max_rel_error(self) -> float:
+        """Largest relative error of a decoded Q in ``[exp(log_lo), 65504]`` (half a code step)."""
+        return math.expm1(0.5 * self.log_step)
+
+
+def pack_edges(idx: Tensor, valid: Tensor, Q: Tensor, Q_conf: float, layout: PackedLayout) -> Tensor:
+    """Pack one match direction of ``B`` edges into ``[B,HW]`` int32 (see :class:`PackedLayout`).
+
+    Args:
+        idx: ``[B,HW]`` integer pixel indices in ``[0, HW)`` (range checked by the caller).
+        valid: ``[B,HW,1]`` (or ``[B,HW]``) bool; Q: ``[B,HW,1]`` (or ``[B,HW]``) float match confidence.
+        Q_conf: pixels with ``¬valid ∨ ¬(Q > Q_conf)`` (float32 test, NaN fails) are stored as −1.
+    """
+    B, HW = idx.shape
+    q32 = Q.reshape(B, HW).float()
+    use = valid.reshape(B, HW) & (q32 > float(Q_conf))
+    code = ((q32.clamp(min=math.exp(layout.log_lo), max=_F16_MAX).log_() - layout.log_lo) / layout.log_step)
+    code = code.round_().clamp_(0, 2 ** layout.q_bits - 1).to(torch.int64)
+    v = (code << layout.idx_bits) | idx.to(torch.int64)
+    v = torch.where(v >= 2 ** 31, v - 2 ** 32, v)  # two's complement of the top bit
+    v = torch.where(use, v, torch.full((), -1, dtype=torch.int64, device=v.device))
+    return v.to(torch.int32)
+
+
+def unpack_edges(packed: Tensor, layout: PackedLayout) -> tuple[Tensor, Tensor, Tensor]:
+    """Kernel inputs from packed storage ``[B,HW]`` int32 -> ``idx [B,HW]`` int64 (0 where unused), ``valid [B,HW,1]``
+    bool, ``Q [B,HW,1]`` float32 (decoded log code; meaningless where unused)."""
+    valid = packed != -1
+    idx = (packed & (2 ** layout.idx_bits - 1)).to(torch.int64).masked_fill_(~valid, 0)
+    code = (packed >> layout.idx_bits) & (2 ** layout.q_bits - 1)  # arithmetic shift, then the q bits only
+    Q = code.to(torch.float32).mul_(layout.log_step).add_(layout.log_lo).exp_()
+    return idx, valid.unsqueeze(-1), Q.unsqueeze(-1)
 
 
 def pack_direction(idx: Tensor, valid: Tensor, Q: Tensor, Q_conf: float, q_dtype: torch.dtype = torch.float16
@@ -152,8 +224,12 @@ class FactorGraph:
         predictor: a Predictor (``encode``/``decode``), used by :meth:`add_factors` for the symmetric decodes.
         cfg: ``SlamConfig`` (reads ``use_calib``, ``local_opt.*``, ``matching.*``) or None for upstream defaults.
         K: ``[3,3]`` intrinsics of the network image, required when ``cfg.use_calib`` is True.
-        q_dtype: storage dtype of the match confidences Q (``torch.float16`` default, or ``torch.float32``; see the
-            module docstring for what the choice changes).
+        q_dtype: storage of the match confidences Q: None (default) = packed with the index into one int32
+            (:class:`PackedLayout`; float16 if the image has ``>= 2^20`` pixels), ``torch.float16`` or
+            ``torch.float32`` = a separate Q tensor (see the module docstring for what the choice changes).
+        match_batch: edges per symmetric decode + matching call in :meth:`match` (bounds the decode outputs and the
+            matching temporaries, which grow with the batch); None = ``predictor.max_decode_batch // 2`` (the edges
+            one graphed decode batch covers) if the predictor has one, else all edges at once.
         solve_chunk_bytes: working-set budget of the global solve; larger problems are solved chunk by chunk
             (:data:`SOLVE_CHUNK_BYTES` default; ``0`` forces one edge per chunk, for tests).
 
@@ -162,7 +238,8 @@ class FactorGraph:
     """
 
     def __init__(self, store: Any, predictor: Any, cfg: Any = None, K: Tensor | None = None, *,
-                 q_dtype: torch.dtype = torch.float16, solve_chunk_bytes: int = SOLVE_CHUNK_BYTES):
+                 q_dtype: torch.dtype | None = None, solve_chunk_bytes: int = SOLVE_CHUNK_BYTES,
+                 match_batch: int | None = None):
         self.store, self.predictor, self.cfg = store, predictor, cfg
         self.params = GlobalOptParams.from_config(cfg)
         self.use_calib = bool(getattr(cfg, "use_calib", False)) if cfg is not None else False
@@ -172,8 +249,11 @@ class FactorGraph:
                 raise ValueError(f"K must be [3,3], got {tuple(K.shape)}")
         if self.use_calib and K is None:
             raise ValueError("use_calib is True but no intrinsics K were given to the factor graph")
-        if q_dtype not in (torch.float16, torch.float32):
-            raise ValueError(f"q_dtype must be torch.float16 or torch.float32, got {q_dtype}")
+        if q_dtype not in (None, torch.float16, torch.float32):
+            raise ValueError(f"q_dtype must be None (packed), torch.float16 or torch.float32, got {q_dtype}")
+        if match_batch is not None and int(match_batch) < 1:
+            raise ValueError(f"match_batch must be >= 1 or None, got {match_batch}")
+        self.match_batch = None if match_batch is None else int(match_batch)
         if int(solve_chunk_bytes) < 0:
             raise ValueError(f"solve_chunk_bytes must be >= 0, got {solve_chunk_bytes}")
         self.K = K
@@ -195,6 +275,9 @@ class FactorGraph:
         self._idx_jj2ii: list[Tensor] = []  # [HW] int32, -1 = unused pixel of i
         self._Q_ii2jj: list[Tensor] = []    # [HW] q_dtype
         self._Q_jj2ii: list[Tensor] = []    # [HW] q_dtype
+        # packed layout (decided by the first add_matches, for the graph's HW); None = idx/Q stored apart
+        self._layout: PackedLayout | None = None
+        # in the packed layout _idx_* hold the packed int32 rows and _Q_* hold None
 
     def reset(self) -> None:
         """Remove every edge."""
@@ -222,8 +305,30 @@ class FactorGraph:
 
     def edge_tensors(self, e: int) -> dict[str, Tensor]:
         """The stored tensors of edge ``e`` (``idx_ii2jj``, ``idx_jj2ii`` ``[HW]`` int32, ``Q_ii2jj``, ``Q_jj2ii``
-        ``[HW]`` q_dtype), as stored (no copy)."""
-        return {name[1:]: getattr(self, name)[e] for name in self._EDGE_FIELDS}
+        ``[HW]`` q_dtype), as stored (no copy). In the packed layout only ``idx_ii2jj``/``idx_jj2ii`` (packed int32,
+        :class:`PackedLayout`); :meth:`edge_matches` decodes either layout."""
+        return {name[1:]: t for name in self._EDGE_FIELDS if (t := getattr(self, name)[e]) is not None}
+
+    @property
+    def layout(self) -> PackedLayout | None:
+        """The packed layout of the stored edges (None: separate ``q_dtype`` Q tensors, or no edge yet)."""
+        return self._layout
+
+    def edge_matches(self, e: int) -> dict[str, Tensor]:
+        """Decoded edge ``e``: ``idx_ii2jj, idx_jj2ii [HW]`` int64 (0 where unused), ``valid_ii2jj, valid_jj2ii [HW]``
+        bool, ``Q_ii2jj, Q_jj2ii [HW]`` float32 (as the solve sees them)."""
+        out = {}
+        for d in ("ii2jj", "jj2ii"):
+            idx, valid, Q = self._decode(torch.stack([getattr(self, "_idx_" + d)[e]]),
+                                         None if self._layout is not None else torch.stack([getattr(self, "_Q_" + d)[e]]))
+            out["idx_" + d], out["valid_" + d], out["Q_" + d] = idx[0], valid[0, :, 0], Q[0, :, 0]
+        return out
+
+    def _decode(self, rows: Tensor, q: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Kernel inputs ``idx [B,HW]`` int64, ``valid [B,HW,1]`` bool, ``Q [B,HW,1]`` f32 from stacked stored rows."""
+        if self._layout is not None:
+            return unpack_edges(rows, self._layout)
+        return unpack_direction(rows, q)
 
     def memory_report(self) -> dict[str, int]:
         """Bytes of every stored device tensor of the graph.
@@ -234,10 +339,11 @@ class FactorGraph:
             of the rows' ``nbytes`` is the allocated size.
         """
         idx = sum(t.nbytes for t in self._idx_ii2jj) + sum(t.nbytes for t in self._idx_jj2ii)
-        q = sum(t.nbytes for t in self._Q_ii2jj) + sum(t.nbytes for t in self._Q_jj2ii)
+        q = sum(t.nbytes for t in self._Q_ii2jj if t is not None) + sum(t.nbytes for t in self._Q_jj2ii if t is not None)
         E = len(self)
         total = int(idx + q)
-        return {"edges": E, "total": total, "per_edge": total // E if E else 0, "idx": int(idx), "Q": int(q)}
+        return {"edges": E, "total": total, "per_edge": total // E if E else 0, "idx": int(idx), "Q": int(q),
+                "q_bits": self._layout.q_bits if self._layout is not None else 0}
 
     def nbytes(self) -> int:
         """Total bytes of the stored edge tensors (``memory_report()["total"]``)."""
@@ -249,7 +355,8 @@ class FactorGraph:
         The match tensors are shared (not copied). Used for ablations (e.g. the graph without its loop edges).
         """
         g = FactorGraph(self.store, self.predictor, self.cfg, self.K, q_dtype=self.q_dtype,
-                        solve_chunk_bytes=self.solve_chunk_bytes)
+                        solve_chunk_bytes=self.solve_chunk_bytes, match_batch=self.match_batch)
+        g._layout = self._layout
         for e, (i, j) in enumerate(zip(self._ii, self._jj)):
             if not bool(keep(int(i), int(j))):
                 continue
@@ -263,21 +370,40 @@ class FactorGraph:
     def match(self, frames_i: Sequence[Any], frames_j: Sequence[Any]):
         """Symmetric decode + matching of pairs ``(frames_i[b], frames_j[b])`` (spec §6.2 steps 1–3).
 
-        Frames must carry ``feat``/``pos`` (encoded on demand with the predictor). Returns
-        :class:`~mast3r_slam_ros.slam.matching.SymmetricMatch` (``[B,HW]``/``[B,HW,1]`` tensors).
+        Frames must carry ``feat``/``pos`` (encoded on demand with the predictor; tokens kept in host memory by the
+        keyframe store's token window are copied to the device of ``pos``). The pairs are decoded and matched
+        ``match_batch`` at a time (the decode outputs ``[4,b,H,W,·]`` and the matching temporaries scale with the
+        batch; the per-pair results are the same). Returns :class:`~mast3r_slam_ros.slam.matching.SymmetricMatch`
+        (``[B,HW]``/``[B,HW,1]`` tensors).
         """
+        from mast3r_slam_ros.network import inference
         from mast3r_slam_ros.slam import matching
 
         if len(frames_i) != len(frames_j) or not frames_i:
             raise ValueError(f"need equally many (>0) frames on both sides, got {len(frames_i)} and {len(frames_j)}")
-        for f in list(frames_i) + list(frames_j):
-            matching.ensure_encoded(self.predictor, f)
-        feat_i = torch.cat([f.feat for f in frames_i])
-        pos_i = torch.cat([f.pos for f in frames_i])
-        feat_j = torch.cat([f.feat for f in frames_j])
-        pos_j = torch.cat([f.pos for f in frames_j])
         params = matching.MatchParams.from_config(self.cfg) if self.cfg is not None else None
-        return matching.match_symmetric(self.predictor, feat_i, pos_i, feat_j, pos_j, frames_i[0].true_shape, params)
+        B = len(frames_i)
+        step = self.match_batch
+        if step is None:
+            mdb = getattr(self.predictor, "max_decode_batch", None)
+            step = max(1, int(mdb) // 2) if mdb else B
+        parts = []
+        for s in range(0, B, step):
+            fi, fj = list(frames_i[s:s + step]), list(frames_j[s:s + step])
+            toks_i = [inference.ensure_encoded(self.predictor, f) for f in fi]  # (feat, pos) on the device
+            toks_j = [inference.ensure_encoded(self.predictor, f) for f in fj]
+            feat_i, pos_i = torch.cat([t[0] for t in toks_i]), torch.cat([t[1] for t in toks_i])
+            feat_j, pos_j = torch.cat([t[0] for t in toks_j]), torch.cat([t[1] for t in toks_j])
+            del toks_i, toks_j
+            parts.append(matching.match_symmetric(self.predictor, feat_i, pos_i, feat_j, pos_j, fi[0].true_shape,
+                                                  params))
+            del feat_i, feat_j
+        if len(parts) == 1:
+            return parts[0]
+        import dataclasses
+
+        return type(parts[0])(**{f.name: torch.cat([getattr(p, f.name) for p in parts])
+                                 for f in dataclasses.fields(parts[0])})
 
     def add_factors(self, ii: Sequence[int], jj: Sequence[int], min_match_frac: float, is_reloc: bool = False) -> bool:
         """Decode, match and add edges ``(ii[b], jj[b])`` between keyframes of the store (spec §6.2).
@@ -326,11 +452,25 @@ class FactorGraph:
         HW = int(m.idx_i2j.shape[1])
         fj, fi = self.match_fractions(m)
         q_conf = self.params.Q_conf
-        idx_j, q_j = pack_direction(m.idx_i2j, m.valid_match_j, m.Qj, q_conf, self.q_dtype)
-        idx_i, q_i = pack_direction(m.idx_j2i, m.valid_match_i, m.Qi, q_conf, self.q_dtype)
+        layout = self._layout
+        if not self._ii:  # first edges: choose the storage for this graph's image size
+            layout = PackedLayout.for_pixels(HW, q_conf) if self.q_dtype is None else None
+        if layout is not None:
+            # range checks below need the raw index (the packed word hides it): compute them on int32 copies
+            idx_j, idx_i = pack_edges(m.idx_i2j, m.valid_match_j, m.Qj, q_conf, layout), \
+                pack_edges(m.idx_j2i, m.valid_match_i, m.Qi, q_conf, layout)
+            q_j = q_i = None
+            raw_j = torch.where(idx_j != -1, m.idx_i2j.to(torch.int32), -1)
+            raw_i = torch.where(idx_i != -1, m.idx_j2i.to(torch.int32), -1)
+        else:
+            qd = self.q_dtype if self.q_dtype is not None else torch.float16
+            idx_j, q_j = pack_direction(m.idx_i2j, m.valid_match_j, m.Qj, q_conf, qd)
+            idx_i, q_i = pack_direction(m.idx_j2i, m.valid_match_i, m.Qi, q_conf, qd)
+            raw_j, raw_i = idx_j, idx_i
         # one readback: the fractions and the range of the used indices (the kernels would read out of bounds)
-        imin = torch.minimum(idx_j.min(dim=1).values, idx_i.min(dim=1).values).to(fj.dtype)
-        imax = torch.maximum(idx_j.max(dim=1).values, idx_i.max(dim=1).values).to(fj.dtype)
+        imin = torch.minimum(raw_j.min(dim=1).values, raw_i.min(dim=1).values).to(fj.dtype)
+        imax = torch.maximum(raw_j.max(dim=1).values, raw_i.max(dim=1).values).to(fj.dtype)
+        del raw_j, raw_i
         host = torch.stack([torch.minimum(fj, fi), imin, imax]).cpu()
         frac = host[0]
         if HW and (float(host[1].min()) < -1 or float(host[2].max()) >= HW):
@@ -350,13 +490,17 @@ class FactorGraph:
         keep = accepted.nonzero().reshape(-1)
         if keep.numel() < B:
             kd = keep.to(idx_j.device)
-            idx_j, q_j, idx_i, q_i = idx_j[kd], q_j[kd], idx_i[kd], q_i[kd]
+            idx_j, idx_i = idx_j[kd], idx_i[kd]
+            if q_j is not None:
+                q_j, q_i = q_j[kd], q_i[kd]
+        self._layout = layout
+        n_keep = int(keep.numel())
         self._ii.extend(ii_t[keep].tolist())
         self._jj.extend(jj_t[keep].tolist())
         self._idx_ii2jj.extend(idx_j.unbind(0))
         self._idx_jj2ii.extend(idx_i.unbind(0))
-        self._Q_ii2jj.extend(q_j.unbind(0))
-        self._Q_jj2ii.extend(q_i.unbind(0))
+        self._Q_ii2jj.extend(q_j.unbind(0) if q_j is not None else [None] * n_keep)
+        self._Q_jj2ii.extend(q_i.unbind(0) if q_i is not None else [None] * n_keep)
         log.debug("factor graph: added edges %s (match fractions %s)",
                   list(zip(ii_t[keep].tolist(), jj_t[keep].tolist())), [round(float(frac[k]), 3) for k in keep.tolist()])
         return True
@@ -376,9 +520,12 @@ class FactorGraph:
     def _expand(self, edges: Sequence[int], dev: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """Kernel inputs of the directed edges of ``edges`` (forward ``ii->jj`` block, then backward): ``idx [2e,HW]``
         int64, ``valid [2e,HW,1]`` bool, ``Q [2e,HW,1]`` float32 on ``dev``."""
-        idx32 = torch.stack([self._idx_ii2jj[e] for e in edges] + [self._idx_jj2ii[e] for e in edges]).to(dev)
-        q = torch.stack([self._Q_ii2jj[e] for e in edges] + [self._Q_jj2ii[e] for e in edges]).to(dev)
-        idx, valid, Q = unpack_direction(idx32, q)
+        rows = torch.stack([self._idx_ii2jj[e] for e in edges] + [self._idx_jj2ii[e] for e in edges]).to(dev)
+        q = None
+        if self._layout is None:
+            q = torch.stack([self._Q_ii2jj[e] for e in edges] + [self._Q_jj2ii[e] for e in edges]).to(dev)
+        idx, valid, Q = self._decode(rows, q)
+        del rows, q
         return idx.contiguous(), valid.contiguous(), Q.contiguous()
 
     def _points(self, ids: Sequence[int], dev: torch.device, calib: bool) -> tuple[Tensor, Tensor]:
