@@ -174,3 +174,70 @@ def test_keyframe_store_lock_is_reentrant_across_calls():
     with store.lock:
         with store.lock:
             assert len(store) == 1 and store.stack_poses().shape[0] == 1
+
+
+# ------------------------------------------------------------------------------------------- token window (issue 8)
+def _encoded_frame(device: str, i: int = 0) -> Frame:
+    f = Frame(frame_id=i, stamp_ns=i, img=None, true_shape=torch.tensor([[4, 6]], dtype=torch.int32),
+              uimg=torch.zeros(4, 6, 3, dtype=torch.uint8), T_WC=Sim3.identity(1, device=device))
+    f.feat = torch.randn(1, 3, 8, device=device).to(torch.bfloat16)
+    f.pos = torch.zeros(1, 3, 2, dtype=torch.int64, device=device)
+    f.X_canon = torch.zeros(24, 3, device=device)
+    f.C = torch.ones(24, 1, device=device)
+    f.N = 1
+    return f
+
+
+def test_offload_feat_is_a_no_op_on_the_cpu():
+    f = _encoded_frame("cpu")
+    feat = f.feat
+    assert not f.offload_feat() and f.feat is feat and not f.feat_on_host()
+    assert f.device_feat() is feat and f.device.type == "cpu"
+
+
+@pytest.mark.cuda
+def test_offload_feat_moves_tokens_to_pinned_host_memory_and_back():
+    from mast3r_slam_ros.network.inference import ensure_encoded
+    from mast3r_slam_ros.slam.keyframes import KeyframeStore
+
+    f = _encoded_frame("cuda")
+    ref = f.feat.clone()
+    assert f.offload_feat() and f.feat_on_host()
+    assert f.feat.device.type == "cpu" and f.feat.is_pinned() and f.feat.dtype == torch.bfloat16
+    assert f.device.type == "cuda"  # the frame's device is not the tokens' host
+    back = f.device_feat()
+    assert back.device.type == "cuda" and torch.equal(back, ref)
+    feat, pos = ensure_encoded(None, f)  # cached: no encode; tokens come back on the device of pos
+    assert feat.device == pos.device and torch.equal(feat, ref)
+    # the store keeps the newest feat_window keyframes' tokens on the device and accounts the rest as host bytes
+    store = KeyframeStore(feat_window=3, feat_dtype=torch.bfloat16)
+    for i in range(7):
+        store.append(_encoded_frame("cuda", i))
+        store.compact(i)
+    on_host = [f.feat_on_host() for f in store]
+    assert on_host == [True] * 4 + [False] * 3
+    rep = store.memory_report()
+    assert rep["feat_on_host"] == 4 and rep["feat_host_bytes"] == 4 * 3 * 8 * 2
+    assert rep["device_total"] == sum(t.nbytes for f in store for t in (f.pos, f.X_canon, f.C, f.T_WC.data)) \
+        + 3 * 3 * 8 * 2
+    assert KeyframeStore(feat_window=None).offload_old_feat() == 0
+
+
+def test_store_offloads_only_compacted_tokens_outside_the_window(monkeypatch):
+    """Which keyframes KeyframeStore.compact hands to Frame.offload_feat (the move itself needs CUDA, see above):
+    every keyframe older than the newest feat_window whose tokens are already in the storage dtype."""
+    moved = []
+    monkeypatch.setattr(Frame, "offload_feat", lambda self: moved.append(self.frame_id) or True)
+    store = KeyframeStore(feat_window=2, feat_dtype=torch.bfloat16)
+    for i in range(5):
+        f = _encoded_frame("cpu", i)
+        f.feat = f.feat.float()  # as encoded: float32 until compacted
+        store.append(f)
+    assert store.offload_old_feat() == 0  # nothing compacted yet: the retrieval may still read the float32 tokens
+    store.compact(1)
+    assert moved == [1]
+    moved.clear()
+    store.compact(0)
+    assert sorted(moved) == [0, 1]
+    with pytest.raises(ValueError):
+        KeyframeStore(feat_window=1)

@@ -51,10 +51,18 @@ class StackedPrediction:
 
 
 def ensure_encoded(predictor: Any, frame: Any) -> tuple[Tensor, Tensor]:
-    """Encode ``frame.img`` once and cache ``frame.feat [1,P,C]`` / ``frame.pos [1,P,2]``; returns them."""
+    """Encode ``frame.img`` once and cache ``frame.feat [1,P,C]`` / ``frame.pos [1,P,2]``; returns them on the device
+    of ``pos`` (the SLAM device).
+
+    Old keyframes may keep their tokens in pinned host memory (``Frame.offload_feat``, issue 8 memory bound); those are
+    returned as a non-blocking host->device copy (the frame keeps the host tokens, the copy is not cached).
+    """
     if getattr(frame, "feat", None) is None or getattr(frame, "pos", None) is None:
         frame.feat, frame.pos = predictor.encode(frame.img, frame.true_shape)
-    return frame.feat, frame.pos
+    feat, pos = frame.feat, frame.pos
+    if feat.device != pos.device:
+        feat = feat.to(pos.device, non_blocking=True)
+    return feat, pos
 
 
 def _stack(results: list) -> StackedPrediction:

@@ -13,7 +13,8 @@ One keyframe ``idx`` (§1.4, §7.4):
 3. global Gauss–Newton over all keyframes of the graph (``solve_GN_calib`` if ``use_calib`` else ``solve_GN_rays``).
 
 Memory (issue 8): right after step 1 the keyframe is compacted (``KeyframeStore.compact``: image released, tokens in
-``store.feat_dtype``). If the store has no ``feat_dtype`` set (None), the backend sets it to
+``store.feat_dtype``, tokens of keyframes outside the store's ``feat_window`` moved to pinned host memory; the edge
+decodes copy them back through ``FactorGraph.match``). If the store has no ``feat_dtype`` set (None), the backend sets it to
 :func:`~mast3r_slam_ros.slam.keyframes.feat_storage_dtype` of the predictor (bfloat16 for a bf16 network trunk, else
 float32); construct the store with ``feat_dtype=torch.float32`` to keep float32 tokens.
 
@@ -126,7 +127,8 @@ class Backend:
             with self.store.lock:  # short: the keyframe and its tokens
                 kf = self.store[idx]
                 matching.ensure_encoded(self.predictor, kf)
-                feat = kf.feat
+                # on the device even if the store already moved them to the host (backend far behind tracking)
+                feat = kf.device_feat() if hasattr(kf, "device_feat") else kf.feat
             cands = self.retrieval.update(feat, idx, add_after_query=True)  # backend-owned database: no store lock
             if hasattr(self.store, "compact"):  # retrieval has read the float32 tokens: store them compactly
                 with self.store.lock:

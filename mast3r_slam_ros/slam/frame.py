@@ -40,7 +40,9 @@ class Frame:
         uimg: ``[H,W,3]`` uint8 CPU, the cropped resized RGB image (colours of the map).
         T_WC: ``Sim3 [1]`` camera -> world pose.
         feat, pos: cached encoder tokens ``[1,P,C]`` f32 (or the trunk dtype after :meth:`compact`) / token positions
-            ``[1,P,2]`` int64 (None until encoded).
+            ``[1,P,2]`` int64 (None until encoded). ``pos`` is on the SLAM device; ``feat`` too, except for old
+            keyframes whose tokens were moved to pinned host memory (:meth:`offload_feat`; read them through
+            :meth:`device_feat`).
         X_canon: ``[HW,3]`` f32 canonical pointmap in this camera's frame (None until the first update).
         C: ``[HW,1]`` f32 accumulated confidence (sum over fused observations).
         N: number of fused observations (average confidence = ``C/N``).
@@ -91,8 +93,9 @@ class Frame:
 
     @property
     def device(self) -> torch.device:
-        """The SLAM device (of ``img``, else ``feat``, else ``X_canon``)."""
-        for t in (self.img, self.feat, self.X_canon):
+        """The SLAM device (of ``img``, else ``X_canon``, else ``pos``, else ``feat``; a keyframe's tokens may live in
+        pinned host memory, see :meth:`offload_feat`)."""
+        for t in (self.img, self.X_canon, self.pos, self.feat):
             if t is not None:
                 return t.device
         raise RuntimeError(f"frame {self.frame_id} holds no device tensor")
@@ -111,6 +114,36 @@ class Frame:
         if feat_dtype is not None and self.feat is not None and self.feat.dtype != feat_dtype:
             self.feat = self.feat.to(feat_dtype)
         self.release_image()
+
+    def feat_on_host(self) -> bool:
+        """True if the tokens ``feat`` were moved to host memory (:meth:`offload_feat`) while ``pos`` (which always
+        stays on the SLAM device) is on an accelerator."""
+        return (self.feat is not None and self.pos is not None and self.feat.device.type == "cpu"
+                and self.pos.device.type != "cpu")
+
+    def offload_feat(self) -> bool:
+        """Move the encoder tokens ``feat [1,P,C]`` to pinned (page-locked) host memory (issue 8: old keyframes'
+        tokens are read only by the occasional retrieval-edge / relocalization decode). ``pos`` stays on the device;
+        readers get the tokens back on the device through :meth:`device_feat` (a non-blocking copy from pinned memory).
+
+        Returns: True if moved; False when there is nothing to move (no tokens, already on the host, or the frame lives
+        on the CPU). One synchronous device->host copy (a host sync of the calling stream).
+        """
+        if self.feat is None or self.pos is None or self.feat.device.type == "cpu" or self.pos.device.type == "cpu":
+            return False
+        host = torch.empty(self.feat.shape, dtype=self.feat.dtype, device="cpu", pin_memory=True)
+        host.copy_(self.feat)
+        self.feat = host
+        return True
+
+    def device_feat(self) -> Tensor | None:
+        """The tokens on the SLAM device (the device of ``pos``): ``feat`` itself, or a non-blocking host->device copy
+        of offloaded tokens (:meth:`offload_feat`; the copy is not cached, the frame keeps the host tokens)."""
+        if self.feat is None:
+            return None
+        if self.pos is not None and self.feat.device != self.pos.device:
+            return self.feat.to(self.pos.device, non_blocking=True)
+        return self.feat
 
     def nbytes(self) -> dict[str, int]:
         """Bytes of every tensor this frame holds on its device(s) (``uimg`` included, it lives on the CPU).

@@ -14,6 +14,12 @@ retrieval database has read the float32 tokens).
 Per keyframe at 512x384 that is 2.36 + 0.79 + 1.57 (bf16 feat; 3.15 f32) + 0.01 MB = 4.7 MB (6.3 MB with f32 feat)
 instead of 8.7 MB; :meth:`KeyframeStore.memory_report` accounts for every byte.
 
+Token window (``feat_window``, default 8): only the newest ``feat_window`` keyframes keep their tokens on the device
+(tracking decodes against the newest keyframe, the consecutive backend edges use the last two); :meth:`compact` moves the
+tokens of older keyframes to pinned host memory (:meth:`Frame.offload_feat`) and every reader (``FactorGraph.match``,
+relocalization, the backend, ``network.inference.ensure_encoded``) copies them back non-blocking when a retrieval edge
+needs them. That leaves 3.16 MB per keyframe on the device (1.57 MB less with bf16 tokens, 3.15 MB less with f32).
+
 Threading: the core starts no thread. ``lock`` is a re-entrant lock that the ROS layer's multi-threaded executor uses to
 serialize the frontend and the backend callbacks; every method below takes it, so callers that need several calls to
 be atomic hold ``with store.lock:`` around them.
@@ -67,17 +73,23 @@ class KeyframeStore:
             Backend sets :func:`feat_storage_dtype` of its predictor; until then tokens are kept as they are),
             ``torch.float32`` = keep float32.
         keep_images: keep the normalized image ``img`` of keyframes (default False: released once encoded).
+        feat_window: number of newest keyframes whose encoder tokens stay on the device (default 8, >= 2); older ones
+            are moved to pinned host memory by :meth:`compact`. None keeps every keyframe's tokens on the device.
     Attributes:
         lock: ``threading.RLock`` guarding the store for multi-threaded ROS executors.
         version: int, bumped whenever keyframes are added/removed or poses/pointmaps change.
     """
 
-    def __init__(self, max_keyframes: int = 2000, *, feat_dtype: torch.dtype | None = None, keep_images: bool = False):
+    def __init__(self, max_keyframes: int = 2000, *, feat_dtype: torch.dtype | None = None, keep_images: bool = False,
+                 feat_window: int | None = 8):
         if int(max_keyframes) < 1:
             raise ValueError(f"max_keyframes must be >= 1, got {max_keyframes}")
         if feat_dtype is not None and not (isinstance(feat_dtype, torch.dtype) and feat_dtype.is_floating_point):
             raise ValueError(f"feat_dtype must be a floating torch.dtype or None, got {feat_dtype!r}")
+        if feat_window is not None and int(feat_window) < 2:
+            raise ValueError(f"feat_window must be >= 2 (tracking and the consecutive edge) or None, got {feat_window}")
         self.max_keyframes = int(max_keyframes)
+        self.feat_window = None if feat_window is None else int(feat_window)
         self.feat_dtype = feat_dtype
         self.keep_images = bool(keep_images)
         self.lock = threading.RLock()
@@ -231,33 +243,59 @@ class KeyframeStore:
     def compact(self, idx: int) -> None:
         """Store keyframe ``idx``'s tokens in ``feat_dtype`` (if set) and release its image unless ``keep_images``.
 
-        Call after every reader of the float32 tokens is done (the backend: after the retrieval update)."""
+        Call after every reader of the float32 tokens is done (the backend: after the retrieval update). Also moves
+        the tokens of keyframes older than the newest ``feat_window`` to pinned host memory (:meth:`offload_old_feat`).
+        """
         with self.lock:
             f = self._frames[self._check(idx)]
             if self.feat_dtype is not None and f.feat is not None and f.feat.dtype != self.feat_dtype:
                 f.feat = f.feat.to(self.feat_dtype)
             if not self.keep_images:
                 f.release_image()
+            self.offload_old_feat()
+
+    def offload_old_feat(self) -> int:
+        """Move the tokens of every keyframe outside the newest ``feat_window`` to pinned host memory.
+
+        Only compacted tokens move (the dtype already ``feat_dtype``, when set) so that the retrieval database, which
+        reads a new keyframe's float32 tokens before :meth:`compact`, never finds them on the host. Returns the number
+        of keyframes moved (0 on a CPU device, where the tokens are already in host memory, or with
+        ``feat_window=None``)."""
+        with self.lock:
+            if self.feat_window is None:
+                return 0
+            moved = 0
+            for f in self._frames[:max(0, len(self._frames) - self.feat_window)]:
+                if f.feat is None or (self.feat_dtype is not None and f.feat.dtype != self.feat_dtype):
+                    continue
+                moved += int(f.offload_feat())
+            return moved
 
     def memory_report(self) -> dict:
         """Bytes held by the keyframes' tensors.
 
         Returns:
             ``{"keyframes": n, "device_total": bytes, "per_keyframe": device_total // n (0 if empty),
-            "by_field": {name: bytes}, "host_total": bytes}``; ``by_field`` sums :meth:`Frame.nbytes` over the
-            keyframes; ``uimg`` and ``true_shape`` (host tensors by design) count in ``host_total``, every other field
-            (on the SLAM device) in ``device_total``.
+            "by_field": {name: bytes}, "host_total": bytes, "feat_on_host": count, "feat_host_bytes": bytes}``;
+            ``by_field`` sums :meth:`Frame.nbytes` over the keyframes; ``uimg`` and ``true_shape`` (host tensors by
+            design) and the tokens of keyframes outside the token window (:meth:`Frame.feat_on_host`, counted in
+            ``feat_on_host``/``feat_host_bytes``) count in ``host_total``, every other byte (on the SLAM device) in
+            ``device_total``.
         """
         with self.lock:
             by_field: dict[str, int] = {}
+            feat_host, n_host = 0, 0
             for f in self._frames:
                 for k, b in f.nbytes().items():
                     by_field[k] = by_field.get(k, 0) + b
-            host = sum(b for k, b in by_field.items() if k in _HOST_FIELDS)
-            dev_total = sum(b for k, b in by_field.items() if k not in _HOST_FIELDS)
+                if f.feat_on_host():
+                    feat_host += int(f.feat.nbytes)
+                    n_host += 1
+            host = sum(b for k, b in by_field.items() if k in _HOST_FIELDS) + feat_host
+            dev_total = sum(b for k, b in by_field.items() if k not in _HOST_FIELDS) - feat_host
             n = len(self._frames)
             return {"keyframes": n, "device_total": dev_total, "per_keyframe": dev_total // n if n else 0,
-                    "by_field": by_field, "host_total": host}
+                    "by_field": by_field, "host_total": host, "feat_on_host": n_host, "feat_host_bytes": feat_host}
 
     def nbytes(self) -> int:
         """Device bytes of all keyframes (``memory_report()["device_total"]``)."""

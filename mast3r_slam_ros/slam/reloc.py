@@ -97,7 +97,8 @@ def relocalize(frame: Any, store: Any, graph: Any, retrieval: Any, predictor: An
     if frame.X_canon is None:
         X, C = matching.mono_inference(predictor, frame)
         frame.update_pointmap(X, C, filtering_mode)
-    res = retrieval.query(frame.feat, k=params.k, min_thresh=params.min_thresh)
+    feat = frame.device_feat() if hasattr(frame, "device_feat") else frame.feat  # tokens on the SLAM device
+    res = retrieval.query(feat, k=params.k, min_thresh=params.min_thresh)
     cands = [c for c in res.kf_ids if 0 <= c < len(store)]
     if not cands:
         return RelocResult(False, message="no retrieval candidate above the score threshold")
@@ -121,7 +122,7 @@ def relocalize(frame: Any, store: Any, graph: Any, retrieval: Any, predictor: An
             out.message = "factor graph rejected the relocalization edges"
             log.error("relocalization of frame %d: %s", frame.frame_id, out.message)
             return out
-        retrieval.add(frame.feat, idx)
+        retrieval.add(feat, idx)
         if hasattr(store, "compact"):  # tokens in the storage dtype, image released (issue 8 memory bound)
             store.compact(idx)
         result = graph.solve()
