@@ -23,4 +23,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("Xf"), pybind11::arg("meas_k"), pybind11::arg("static"), pybind11::arg("sq"),
         pybind11::arg("base"), pybind11::arg("K"), pybind11::arg("height"), pybind11::arg("width"),
         pybind11::arg("pixel_border"), pybind11::arg("z_eps"), pybind11::arg("huber"));
+  m.def("rope_apply", &mast3r_slam_ros::rope_apply_cuda, "fused 2-D RoPE rotation (mast3r_network.md 3.2)",
+        pybind11::arg("x"), pybind11::arg("cos"), pybind11::arg("sin"));
 }

@@ -1,5 +1,5 @@
 // Host entry points of the mast3r_slam_ros._cuda extension (definitions in matching_kernels.cu, gn_kernels.cu,
-// track_kernels.cu).
+// track_kernels.cu, rope_kernels.cu).
 //
 // Semantics: spec upstream_algorithm.md §4.2 (iter_proj), §4.4 (refine_matches), §6.4-§6.6 (per-edge GN blocks),
 // §5.2-§5.4 (tracking normal equations).
@@ -58,6 +58,10 @@ torch::Tensor track_system_calib_cuda(const torch::Tensor& T, const torch::Tenso
                                       const torch::Tensor& valid_static, const torch::Tensor& sq,
                                       const torch::Tensor& base, const torch::Tensor& K, int64_t height,
                                       int64_t width, double pixel_border, double z_eps, double huber);
+
+// Fused 2-D RoPE: x [L,B,H,N,D] f32|f16|bf16 (strided, last dim contiguous), cos/sin [1 or B,1,N,D] f32 (sign folded
+// into sin) -> rotated tokens [L,B,H,N,D] contiguous in x's dtype. Reference: network/rope.py RoPE2D.apply.
+torch::Tensor rope_apply_cuda(const torch::Tensor& x, const torch::Tensor& cos_t, const torch::Tensor& sin_t);
 
 }  // namespace mast3r_slam_ros
 

@@ -17,7 +17,7 @@ REQUIRED = ("iter_proj", "refine_matches", "gn_rays_blocks", "gn_calib_blocks", 
 
 #: functions added later (csrc/track_kernels.cu); an extension built before them still loads, and the dispatch falls
 #: back to PyTorch for each one that is missing (:func:`has`)
-OPTIONAL = ("track_system_rays", "track_system_calib")
+OPTIONAL = ("track_system_rays", "track_system_calib", "rope_apply")
 
 
 def load() -> ModuleType | None:

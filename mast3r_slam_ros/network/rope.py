@@ -35,6 +35,20 @@ class RopeTables:
     sin: Tensor
 
 
+def _fused_rope():
+    """The compiled ``rope_apply`` of the optional CUDA extension, or None (not built, no CUDA, kernel backend
+    ``torch``, or ``MAST3R_SLAM_ROS_FUSED_ROPE=0``)."""
+    import os
+
+    if os.environ.get("MAST3R_SLAM_ROS_FUSED_ROPE", "1") == "0":
+        return None
+    from mast3r_slam_ros import kernels
+
+    if not kernels.cuda_op_available("rope_apply"):
+        return None
+    return kernels._ext.load().rope_apply
+
+
 class RoPE2D(torch.nn.Module):
     """2-D RoPE without parameters (so no state-dict keys), as used by every MASt3R attention layer.
 
@@ -90,6 +104,19 @@ class RoPE2D(torch.nn.Module):
         Returns:
             Rotated tokens of ``x``'s shape in ``x.dtype`` (computed in float32).
         """
+        fused = _fused_rope()
+        if (fused is not None and x.is_cuda and x.ndim in (4, 5) and x.stride(-1) == 1
+                and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                and tables.cos.is_contiguous() and tables.sin.is_contiguous() and tables.cos.device == x.device):
+            # one kernel instead of five (upcast, flip, mul, addcmul, downcast): csrc/rope_kernels.cu
+            x5 = x if x.ndim == 5 else x.unsqueeze(0)
+            out = fused(x5, tables.cos, tables.sin)
+            return out if x.ndim == 5 else out[0]
+        return RoPE2D.apply_torch(x, tables)
+
+    @staticmethod
+    def apply_torch(x: Tensor, tables: RopeTables) -> Tensor:
+        """PyTorch implementation of :meth:`apply` (any device; the reference of the CUDA kernel)."""
         d = x.shape[-1]
         xf = x.float()
         # partner channel of every channel: swap the (u | v) quarters inside each half; the sign is in tables.sin
