@@ -218,3 +218,11 @@ def test_dict_round_trip(tmp_path):
     assert load_config(f) == cfg
     assert config_from_dict(flatten_config(cfg)) == cfg
     assert SlamConfig() == load_config()
+
+
+def test_fast_preset_only_changes_the_network_precision():
+    """config/slam_fast.yaml (issue 8) = base + bf16 trunk and heads; the SLAM parameters stay the upstream ones."""
+    fast = load_config(REPO / "config" / "slam_fast.yaml")
+    base = load_config(BASE)
+    assert (fast.runtime.precision, fast.runtime.head_precision) == ("bf16", "bf16")
+    assert fast.tracking == base.tracking and fast.matching == base.matching and fast.local_opt == base.local_opt
