@@ -4,7 +4,9 @@ Every operation has ONE documented signature here and two implementations behind
 
 - ``cuda``: the compiled extension ``mast3r_slam_ros._cuda`` built from ``csrc/`` (CUDA tensors only). For the
   Gauss–Newton solves the extension computes the per-edge 7×7 Hessian blocks and gradients on the GPU; assembly of
-  the reduced system, the solve and the retraction are the same PyTorch code as in the torch implementation.
+  the reduced system, the solve and the retraction are the same code as in the torch implementation
+  (:func:`.gn_torch.gn_solve`: on the host in float64 for up to ``HOST_MAX_KF`` free keyframes, one device->host
+  copy of the blocks per iteration; in tensors on the device above that).
 - ``torch``: pure PyTorch (CPU or GPU), vectorized over pixels; also the reference in the tests.
 
 The tracking linearizations (:func:`track_system_rays`, :func:`track_system_calib`) are one fused kernel each on CUDA
@@ -189,7 +191,20 @@ def refine_matches(D11: Tensor, D21: Tensor, p1: Tensor, radius: int, dilation_m
 
 
 # ------------------------------------------------------------------------------------------------------- Gauss–Newton
-def _check_graph(Twc, Xs, Cs, ii, jj, idx_ii2jj, valid_match, Q) -> tuple[int, int, int]:
+def _check_graph(Twc, Xs, Cs, ii, jj, idx_ii2jj, valid_match, Q) -> tuple[int, int, int, tuple, Tensor | None]:
+    """Validate the inputs of ``gauss_newton_*`` once per solve without host syncs on large tensors.
+
+    Shapes, dtypes and devices are checked on the metadata. ``ii, jj`` ([2E], tiny) are copied to the host once (the
+    host Gauss–Newton loop needs them there anyway) and range-checked there. The matched-pixel index range of
+    ``idx_ii2jj`` (``[2E,HW]``) is counted by ONE fused device reduction over bool temporaries (no int64 ``[2E,HW]``
+    temporary): with the CUDA extension the count is NOT read here but returned and read back together with the first
+    iteration's blocks (the kernels skip out-of-range indices, so evaluating them first is safe; the solve then raises
+    ``ValueError`` before any pose changes); on CPU tensors or the PyTorch backend on CUDA (whose gather would fail
+    on a bad index) it is read immediately.
+
+    Returns:
+        ``(n, HW, 2E, (ii, jj) as int64 NumPy arrays, deferred index-check count tensor or None)``.
+    """
     _check_tensor("Twc", Twc, (torch.float32,), 2)
     n = Twc.shape[0]
     if Twc.shape[1] != 8:
@@ -212,19 +227,23 @@ def _check_graph(Twc, Xs, Cs, ii, jj, idx_ii2jj, valid_match, Q) -> tuple[int, i
     _check_tensor("Q", Q, (torch.float32,), 3)
     _check_shape("Q", Q, (E2, HW, 1))
     _check_same_device(Twc=Twc, Xs=Xs, Cs=Cs, ii=ii, jj=jj, idx_ii2jj=idx_ii2jj, valid_match=valid_match, Q=Q)
+    ij = torch.stack((ii, jj)).cpu().numpy()  # [2,2E] int64: the one small device -> host copy of the checks
+    ii_h, jj_h = ij[0], ij[1]
+    index_check = None
     if E2 > 0:
-        lo = int(torch.minimum(ii.min(), jj.min()))
-        hi = int(torch.maximum(ii.max(), jj.max()))
+        lo, hi = int(ij.min()), int(ij.max())
         if lo < 0 or hi >= n:
             raise ValueError(f"ii/jj must be row indices into Twc (0..{n - 1}), got range [{lo}, {hi}]")
-        if bool((ii == jj).any()):
+        if bool((ii_h == jj_h).any()):
             raise ValueError("an edge connects a keyframe to itself (ii == jj)")
         if HW > 0:  # only matched pixels must index a pixel (unmatched ones read pixel 0)
-            idx_v = torch.where(valid_match[..., 0], idx_ii2jj, torch.zeros_like(idx_ii2jj))
-            imin, imax = int(idx_v.min()), int(idx_v.max())
-            if imin < 0 or imax >= HW:
-                raise ValueError(f"idx_ii2jj must be pixel indices in [0, {HW}), got range [{imin}, {imax}]")
-    return n, HW, E2
+            count = torch.count_nonzero(valid_match[..., 0] & ((idx_ii2jj < 0) | (idx_ii2jj >= HW)))
+            if _use_cuda(Twc):
+                index_check = count  # read with the first iteration's blocks (see above)
+            elif int(count) != 0:
+                raise ValueError(f"idx_ii2jj must be pixel indices in [0, {HW}) wherever valid_match is set; "
+                                 f"{int(count)} matched pixels are out of range")
+    return n, HW, E2, (ii_h, jj_h), index_check
 
 
 def _contig(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -239,6 +258,20 @@ def _check_common(max_iter, delta_thresh, **sigmas) -> None:
             raise ValueError(f"{k} must be > 0, got {s}")
     if float(delta_thresh) < 0:
         raise ValueError(f"delta_thresh must be >= 0, got {delta_thresh}")
+
+
+def _solve_cuda(fn, cargs: tuple, Twc: Tensor, ii: Tensor, jj: Tensor, max_iter, delta_thresh, edges_host,
+                index_check, host_max_kf: int | None = None) -> GNResult:
+    """:func:`gn_solve` with the CUDA blocks kernel ``fn(Tij [2E,8] f32, *cargs) -> sums [2E,36] f64``: the host loop
+    uploads ``T_ij`` computed on the host (``tij_blocks``); the device loop computes it from ``Twc`` (``blocks``)."""
+    def blocks(T):
+        return cuda_blocks(fn, T, ii, jj, *cargs)
+
+    def tij_blocks(Tij):
+        return fn(Tij, *cargs)
+    kw = {} if host_max_kf is None else {"host_max_kf": int(host_max_kf)}
+    return gn_solve(Twc, ii, jj, blocks, int(max_iter), float(delta_thresh), tij_blocks=tij_blocks,
+                    index_check=index_check, edges_host=edges_host, **kw)
 
 
 def gauss_newton_rays(Twc: Tensor, Xs: Tensor, Cs: Tensor, ii: Tensor, jj: Tensor, idx_ii2jj: Tensor,
@@ -268,20 +301,19 @@ def gauss_newton_rays(Twc: Tensor, Xs: Tensor, Cs: Tensor, ii: Tensor, jj: Tenso
     Raises:
         TypeError / ValueError: inconsistent inputs (names the argument).
     """
-    n, HW, E2 = _check_graph(Twc, Xs, Cs, ii, jj, idx_ii2jj, valid_match, Q)
     _check_common(max_iter, delta_thresh, sigma_ray=sigma_ray, sigma_dist=sigma_dist)
+    n, HW, E2, edges_host, index_check = _check_graph(Twc, Xs, Cs, ii, jj, idx_ii2jj, valid_match, Q)
     args = dict(Xs=Xs, Cs=Cs, ii=ii, jj=jj, idx=idx_ii2jj, valid=valid_match, Q=Q, sigma_ray=float(sigma_ray),
                 sigma_dist=float(sigma_dist), C_thresh=float(C_thresh), Q_thresh=float(Q_thresh))
     if _use_cuda(Twc):
         ext = _ext.load()
+        cargs = (*_contig(Xs, Cs, ii, jj, idx_ii2jj, valid_match, Q), float(sigma_ray), float(sigma_dist),
+                 float(C_thresh), float(Q_thresh))
+        return _solve_cuda(ext.gn_rays_blocks, cargs, Twc, ii, jj, max_iter, delta_thresh, edges_host, index_check)
 
-        def blocks(T):
-            return cuda_blocks(ext.gn_rays_blocks, T, ii, jj, *_contig(Xs, Cs, ii, jj, idx_ii2jj, valid_match, Q),
-                               float(sigma_ray), float(sigma_dist), float(C_thresh), float(Q_thresh))
-    else:
-        def blocks(T):
-            return gn_blocks_rays_torch(T, **args)
-    return gn_solve(Twc, ii, jj, blocks, int(max_iter), float(delta_thresh))
+    def blocks(T):
+        return gn_blocks_rays_torch(T, **args)
+    return gn_solve(Twc, ii, jj, blocks, int(max_iter), float(delta_thresh), edges_host=edges_host)
 
 
 def gauss_newton_calib(Twc: Tensor, Xs: Tensor, Cs: Tensor, K: Tensor, ii: Tensor, jj: Tensor, idx_ii2jj: Tensor,
@@ -302,10 +334,10 @@ def gauss_newton_calib(Twc: Tensor, Xs: Tensor, Cs: Tensor, K: Tensor, ii: Tenso
 
     Returns / Raises: as :func:`gauss_newton_rays`.
     """
-    n, HW, E2 = _check_graph(Twc, Xs, Cs, ii, jj, idx_ii2jj, valid_match, Q)
     _check_common(max_iter, delta_thresh, sigma_pixel=sigma_pixel, sigma_depth=sigma_depth)
     _check_tensor("K", K, (torch.float32, torch.float64), 2)
     _check_shape("K", K, (3, 3))
+    n, HW, E2, edges_host, index_check = _check_graph(Twc, Xs, Cs, ii, jj, idx_ii2jj, valid_match, Q)
     if int(height) * int(width) != HW:
         raise ValueError(f"height*width must equal HW={HW}, got {height}x{width}")
     K32 = K.to(device=Twc.device, dtype=torch.float32).contiguous()
@@ -315,16 +347,14 @@ def gauss_newton_calib(Twc: Tensor, Xs: Tensor, Cs: Tensor, K: Tensor, ii: Tenso
                 Q_thresh=float(Q_thresh))
     if _use_cuda(Twc):
         ext = _ext.load()
+        Xc, Cc, iic, jjc, idxc, vc, Qc = _contig(Xs, Cs, ii, jj, idx_ii2jj, valid_match, Q)
+        cargs = (Xc, Cc, K32, iic, jjc, idxc, vc, Qc, int(height), int(width), int(pixel_border), float(z_eps),
+                 float(sigma_pixel), float(sigma_depth), float(C_thresh), float(Q_thresh))
+        return _solve_cuda(ext.gn_calib_blocks, cargs, Twc, ii, jj, max_iter, delta_thresh, edges_host, index_check)
 
-        def blocks(T):
-            Xc, Cc, iic, jjc, idxc, vc, Qc = _contig(Xs, Cs, ii, jj, idx_ii2jj, valid_match, Q)
-            return cuda_blocks(ext.gn_calib_blocks, T, ii, jj, Xc, Cc, K32, iic, jjc, idxc, vc, Qc, int(height),
-                               int(width), int(pixel_border), float(z_eps), float(sigma_pixel), float(sigma_depth),
-                               float(C_thresh), float(Q_thresh))
-    else:
-        def blocks(T):
-            return gn_blocks_calib_torch(T, **args)
-    return gn_solve(Twc, ii, jj, blocks, int(max_iter), float(delta_thresh))
+    def blocks(T):
+        return gn_blocks_calib_torch(T, **args)
+    return gn_solve(Twc, ii, jj, blocks, int(max_iter), float(delta_thresh), edges_host=edges_host)
 
 
 def gauss_newton_points(Twc: Tensor, Xs: Tensor, Cs: Tensor, ii: Tensor, jj: Tensor, idx_ii2jj: Tensor,
@@ -334,20 +364,19 @@ def gauss_newton_points(Twc: Tensor, Xs: Tensor, Cs: Tensor, ii: Tensor, jj: Ten
 
     Args: as :func:`gauss_newton_rays` with one ``sigma_point``. Returns / Raises: as :func:`gauss_newton_rays`.
     """
-    n, HW, E2 = _check_graph(Twc, Xs, Cs, ii, jj, idx_ii2jj, valid_match, Q)
     _check_common(max_iter, delta_thresh, sigma_point=sigma_point)
+    n, HW, E2, edges_host, index_check = _check_graph(Twc, Xs, Cs, ii, jj, idx_ii2jj, valid_match, Q)
     args = dict(Xs=Xs, Cs=Cs, ii=ii, jj=jj, idx=idx_ii2jj, valid=valid_match, Q=Q, sigma_point=float(sigma_point),
                 C_thresh=float(C_thresh), Q_thresh=float(Q_thresh))
     if _use_cuda(Twc):
         ext = _ext.load()
+        cargs = (*_contig(Xs, Cs, ii, jj, idx_ii2jj, valid_match, Q), float(sigma_point), float(C_thresh),
+                 float(Q_thresh))
+        return _solve_cuda(ext.gn_points_blocks, cargs, Twc, ii, jj, max_iter, delta_thresh, edges_host, index_check)
 
-        def blocks(T):
-            return cuda_blocks(ext.gn_points_blocks, T, ii, jj, *_contig(Xs, Cs, ii, jj, idx_ii2jj, valid_match, Q),
-                               float(sigma_point), float(C_thresh), float(Q_thresh))
-    else:
-        def blocks(T):
-            return gn_blocks_points_torch(T, **args)
-    return gn_solve(Twc, ii, jj, blocks, int(max_iter), float(delta_thresh))
+    def blocks(T):
+        return gn_blocks_points_torch(T, **args)
+    return gn_solve(Twc, ii, jj, blocks, int(max_iter), float(delta_thresh), edges_host=edges_host)
 
 
 # ----------------------------------------------------------------------------------------------- tracking (frame->kf)

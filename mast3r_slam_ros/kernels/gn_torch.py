@@ -16,6 +16,11 @@ Structure (shared with the CUDA backend):
    14×14 per edge, with 28 + 7 accumulators instead of 105 + 14. The blocks are scattered (``index_add_``) into the
    dense float64 reduced system of the free keyframes (row 0 fixed), solved by Cholesky (Levenberg-damped retry on
    failure), and the poses are updated by the left retraction ``T ← Exp(dx)·T`` (:meth:`lie.Sim3.retr`).
+3. Where it runs: the blocks are the only large computation. For up to :data:`HOST_MAX_KF` free keyframes the loop
+   copies the per-edge blocks to the host ONCE per iteration and does steps 2's assembly, solve and retraction in
+   float64 NumPy / CPU LAPACK (:func:`_gn_solve_host`): on a GPU every tiny tensor op costs a 5–10 µs launch and
+   every ``float(...)``/``bool(...)`` a queue sync, which made a 4-keyframe solve ~60 ms. Larger graphs keep the
+   device loop (:func:`_gn_solve_device`). Both give the same result to float rounding (test/test_gn_host.py).
 
 Robust cost: whitened residual ``x = √w₀·r`` (``√w₀ = √Q/σ`` for valid pixels, else 0), Huber with k = 1.345,
 ``ρ(x) = x²`` for ``|x| ≤ k`` else ``2k|x| − k²``; its IRLS weight ``ρ'(x)/(2x)`` is upstream's ``huber(x)``, so
@@ -29,16 +34,17 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ..lie import Sim3, act_jacobian
+from ..lie import Sim3, act_jacobian, retr_host
 from .result import GNResult
 
 __all__ = [
     "HUBER_K", "huber_weight", "huber_cost", "relative_poses", "rays_terms", "calib_terms", "points_terms",
     "edge_terms", "gn_blocks_rays_torch", "gn_blocks_calib_torch", "gn_blocks_points_torch", "gn_solve",
-    "assemble_system", "unpack_sums", "cuda_blocks",
+    "assemble_system", "unpack_sums", "cuda_blocks", "HOST_MAX_KF", "np_sim3_inv", "np_sim3_mul", "np_sim3_adjoint",
 ]
 
 HUBER_K = 1.345
@@ -294,14 +300,45 @@ def _solve(A: Tensor, b: Tensor) -> tuple[Tensor | None, str]:
     return None, "Cholesky failed even with Levenberg damping (singular system: keyframes without valid residuals?)"
 
 
-def gn_solve(Twc: Tensor, ii: Tensor, jj: Tensor, blocks: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]],
-             max_iter: int, delta_thresh: float) -> GNResult:
+
+# ------------------------------------------------------------------------------------------------ solve loop
+#: largest number of free keyframes (n − 1) solved by the host loop (:func:`_gn_solve_host`): its dense float64
+#: ``7(n−1)`` Cholesky costs ~ms on the CPU up to here; larger graphs use the device loop (:func:`_gn_solve_device`)
+HOST_MAX_KF = 256
+#: up to this many free poses the host retraction loops over :func:`lie.retr_host` (~8 µs each); above it one batched
+#: :meth:`Sim3.retr` on CPU tensors (~0.3 ms, independent of the count)
+HOST_RETR_LOOP_MAX = 32
+
+BlocksFn = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+TijBlocksFn = Callable[[Tensor], Tensor]
+
+
+def gn_solve(Twc: Tensor, ii: Tensor, jj: Tensor, blocks: BlocksFn, max_iter: int, delta_thresh: float, *,
+             tij_blocks: TijBlocksFn | None = None, index_check: Tensor | None = None,
+             edges_host: tuple | None = None, host_max_kf: int | None = None) -> GNResult:
     """Gauss–Newton loop shared by both backends (§6.7): blocks → assembly → solve → ``T ← Exp(dx)·T`` (rows ≥ 1).
 
+    Two implementations with the same results (to float rounding) and the same :class:`GNResult` semantics:
+
+    - host loop (``n − 1 ≤ host_max_kf``): per iteration ONE device→host copy of the per-edge blocks, then assembly,
+      the (damped) Cholesky solve and the retraction in float64 on the CPU (:func:`_gn_solve_host`), and one
+      host→device copy of the poses (or of the relative poses ``T_ij`` when ``tij_blocks`` is given);
+    - device loop (larger graphs): everything in tensors on ``Twc.device`` (:func:`_gn_solve_device`).
+
     Args:
-        Twc: ``[n,8]`` pose data, updated in place (any float dtype; retraction computed in float64).
-        ii, jj: ``[2E]`` int64 row indices. blocks: ``Twc -> (Hr [2E,7,7], gr [2E,7], cost [2E])``.
+        Twc: ``[n,8]`` pose data, updated in place (any float dtype; retraction computed in float64; after every
+            iteration the poses are rounded to ``Twc.dtype``, in both loops).
+        ii, jj: ``[2E]`` int64 row indices (on ``Twc.device``).
+        blocks: ``Twc -> (Hr [2E,7,7], gr [2E,7], cost [2E])`` (float64 sums) evaluated at the current poses.
         max_iter: iterations. delta_thresh: stop when ``‖dx‖ < delta_thresh`` (after applying the step, as upstream).
+        tij_blocks: optional ``T_ij [2E,8] float32 (on Twc.device) -> sums [2E,36] float64`` (the CUDA kernels'
+            packed layout, see :func:`unpack_sums`); the host loop then computes ``T_ij = T_i⁻¹ T_j`` on the host in
+            float64, uploads it and calls this instead of ``blocks`` (``Twc`` itself is written once, at the end).
+        index_check: optional 0-dim integer tensor (device) = number of matched pixels whose ``idx_ii2jj`` is out of
+            range; read back with the first iteration's blocks (no extra sync) and ``ValueError`` if non-zero
+            (raised before any pose changes).
+        edges_host: optional ``(ii, jj)`` as int64 NumPy arrays (saves the one device→host copy of ``ii, jj``).
+        host_max_kf: use the host loop when ``n − 1 ≤ host_max_kf``; None: :data:`HOST_MAX_KF` (read at call time).
 
     Returns:
         :class:`GNResult`. On a failed solve the poses keep the last applied state, ``ok=False``.
@@ -312,13 +349,36 @@ def gn_solve(Twc: Tensor, ii: Tensor, jj: Tensor, blocks: Callable[[Tensor], tup
         return GNResult(dx, 0, True, True, "nothing to optimize (at most one keyframe; it is fixed)", 0.0, 0.0)
     if ii.numel() == 0:
         return GNResult(dx, 0, True, True, "no edges", 0.0, 0.0)
+    if n - 1 <= int(HOST_MAX_KF if host_max_kf is None else host_max_kf):
+        return _gn_solve_host(Twc, ii, jj, blocks, int(max_iter), float(delta_thresh), tij_blocks, index_check,
+                              edges_host)
+    return _gn_solve_device(Twc, ii, jj, blocks, int(max_iter), float(delta_thresh), index_check)
+
+
+def _raise_index_error(count: int) -> None:
+    raise ValueError(f"idx_ii2jj must be pixel indices in [0, HW) wherever valid_match is set; {count} matched pixels "
+                     "are out of range")
+
+
+def _dead_note(it: int, dead: list[int], notes: list[str]) -> None:
+    if it == 1 or not notes or "held fixed" not in notes[-1]:
+        notes.append(f"iteration {it}: keyframe rows {dead} have no valid residual and are held fixed")
+
+
+def _gn_solve_device(Twc: Tensor, ii: Tensor, jj: Tensor, blocks: BlocksFn, max_iter: int, delta_thresh: float,
+                     index_check: Tensor | None) -> GNResult:
+    """Device loop of :func:`gn_solve` (all tensors on ``Twc.device``; ~7 host syncs and ~200 small ops/iteration)."""
+    n = Twc.shape[0]
+    dx = torch.zeros(n - 1, 7, dtype=torch.float32, device=Twc.device)
     cost0 = float("nan")
     cost = float("nan")
     notes: list[str] = []
     converged = False
     it = 0
-    for it in range(1, int(max_iter) + 1):
+    for it in range(1, max_iter + 1):
         Hr, gr, c = blocks(Twc)
+        if it == 1 and index_check is not None and int(index_check) != 0:
+            _raise_index_error(int(index_check))
         cost = float(c.sum())
         if it == 1:
             cost0 = cost
@@ -332,9 +392,7 @@ def gn_solve(Twc: Tensor, ii: Tensor, jj: Tensor, blocks: Callable[[Tensor], tup
         if bool(live.all()):
             sol, note = _solve(A, b)
         else:
-            dead = (torch.nonzero(~live).flatten() + 1).tolist()
-            if it == 1 or not notes or "held fixed" not in notes[-1]:
-                notes.append(f"iteration {it}: keyframe rows {dead} have no valid residual and are held fixed")
+            _dead_note(it, (torch.nonzero(~live).flatten() + 1).tolist(), notes)
             sel = torch.nonzero(live.repeat_interleave(7)).flatten()
             sol, note = _solve(A[sel][:, sel], b[sel])
         if sol is None:
@@ -351,3 +409,208 @@ def gn_solve(Twc: Tensor, ii: Tensor, jj: Tensor, blocks: Callable[[Tensor], tup
             break
     msg = "; ".join(notes) if notes else ("converged" if converged else f"stopped after {it} iterations")
     return GNResult(dx, it, converged, True, msg, cost, cost0)
+
+
+# ----------------------------------------------------------------------- float64 NumPy Sim(3) over rows (host loop)
+# Same formulas as lie.Sim3 (quat_rotate, quat_multiply + renormalisation, inv, adjoint, quat_to_matrix), batched
+# over the leading dim of [k,8] arrays ``[tx,ty,tz,qx,qy,qz,qw,s]``.
+def _np_cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.stack((a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1], a[:, 2] * b[:, 0] - a[:, 0] * b[:, 2],
+                     a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]), axis=-1)
+
+
+def _np_qrot(q: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """``[k,3]`` rotation of ``p [k,3]`` by unit quaternions ``q [k,4]`` (x,y,z,w): ``p + w·uv + v×uv``, uv = 2 v×p."""
+    v, w = q[:, :3], q[:, 3:]
+    uv = 2.0 * _np_cross(v, p)
+    return p + w * uv + _np_cross(v, uv)
+
+
+def np_sim3_inv(T: np.ndarray) -> np.ndarray:
+    """Inverse ``(−(1/s) Rᵀ t, q*, 1/s)`` of ``T [k,8]`` float64 (as :meth:`lie.Sim3.inv`)."""
+    qc = np.concatenate((-T[:, 3:6], T[:, 6:7]), axis=1)
+    s_inv = 1.0 / T[:, 7:8]
+    return np.concatenate((-s_inv * _np_qrot(qc, T[:, :3]), qc, s_inv), axis=1)
+
+
+def np_sim3_mul(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Composition ``A·B = (t_A + s_A R_A t_B, q_A⊗q_B (renormalised), s_A s_B)`` of ``[k,8]`` arrays."""
+    qa, qb = A[:, 3:7], B[:, 3:7]
+    va, wa, vb, wb = qa[:, :3], qa[:, 3:], qb[:, :3], qb[:, 3:]
+    q = np.concatenate((wa * vb + wb * va + _np_cross(va, vb), wa * wb - (va * vb).sum(1, keepdims=True)), axis=1)
+    q = q / np.sqrt((q * q).sum(1, keepdims=True))
+    t = A[:, :3] + A[:, 7:8] * _np_qrot(qa, B[:, :3])
+    return np.concatenate((t, q, A[:, 7:8] * B[:, 7:8]), axis=1)
+
+
+def np_sim3_adjoint(T: np.ndarray) -> np.ndarray:
+    """``Ad(T) [k,7,7] = [[sR, [t]× R, −t], [0, R, 0], [0, 0, 1]]`` (as :meth:`lie.Sim3.adjoint`)."""
+    x, y, z, w = T[:, 3], T[:, 4], T[:, 5], T[:, 6]
+    k = T.shape[0]
+    R = np.empty((k, 3, 3))
+    R[:, 0, 0] = 1 - 2 * (y * y + z * z)
+    R[:, 0, 1] = 2 * (x * y - w * z)
+    R[:, 0, 2] = 2 * (x * z + w * y)
+    R[:, 1, 0] = 2 * (x * y + w * z)
+    R[:, 1, 1] = 1 - 2 * (x * x + z * z)
+    R[:, 1, 2] = 2 * (y * z - w * x)
+    R[:, 2, 0] = 2 * (x * z - w * y)
+    R[:, 2, 1] = 2 * (y * z + w * x)
+    R[:, 2, 2] = 1 - 2 * (x * x + y * y)
+    t = T[:, :3]
+    tx = np.zeros((k, 3, 3))
+    tx[:, 0, 1], tx[:, 0, 2], tx[:, 1, 2] = -t[:, 2], t[:, 1], -t[:, 0]
+    tx[:, 1, 0], tx[:, 2, 0], tx[:, 2, 1] = t[:, 2], -t[:, 1], t[:, 0]
+    Ad = np.zeros((k, 7, 7))
+    Ad[:, :3, :3] = T[:, 7, None, None] * R
+    Ad[:, :3, 3:6] = tx @ R
+    Ad[:, :3, 6] = -t
+    Ad[:, 3:6, 3:6] = R
+    Ad[:, 6, 6] = 1.0
+    return Ad
+
+
+def _np_retr(P: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """Left retraction ``Exp(step)·P`` of ``P [k,8]`` by ``step [k,7]`` (float64) with the math of :meth:`Sim3.retr`:
+    :func:`lie.retr_host` per row for few rows, else one batched :meth:`Sim3.retr` on CPU tensors."""
+    if P.shape[0] <= HOST_RETR_LOOP_MAX:
+        return np.array([retr_host(p, s) for p, s in zip(P.tolist(), step.tolist())], dtype=np.float64)
+    return Sim3(torch.from_numpy(P)).retr(torch.from_numpy(step)).data.numpy()
+
+
+class _HostSystem:
+    """Reduced-system assembly on the host for a fixed edge list (index arrays precomputed once per solve).
+
+    Same blocks as :func:`assemble_system`: ``H = Adᵀ Hr Ad``, ``g = Adᵀ gr`` with ``Ad = Ad(T_i⁻¹)``; ``(i,i) += H``,
+    ``(j,j) += H``, ``(i,j) −= H``, ``(j,i) −= H``, ``b_i −= g``, ``b_j += g``, rows of the fixed keyframe 0 skipped.
+    """
+
+    def __init__(self, n: int, ii: np.ndarray, jj: np.ndarray):
+        self.n, self.m = n, n - 1
+        self.ii, self.jj = ii, jj
+        ri, rj = ii - 1, jj - 1
+        self.scatter = []
+        for r1, r2, sign in ((ri, ri, 1.0), (rj, rj, 1.0), (ri, rj, -1.0), (rj, ri, -1.0)):
+            keep = np.nonzero((r1 >= 0) & (r2 >= 0))[0]
+            self.scatter.append((keep, r1[keep], r2[keep], sign))
+        self.bi = np.nonzero(ri >= 0)[0]
+        self.bj = np.nonzero(rj >= 0)[0]
+        self.ri, self.rj = ri, rj
+
+    def assemble(self, P: np.ndarray, Hr: np.ndarray, gr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``A [7m,7m]``, ``b [7m]`` float64 at poses ``P [n,8]`` from ``Hr [2E,7,7]``, ``gr [2E,7]``."""
+        m = self.m
+        Ad = np_sim3_adjoint(np_sim3_inv(P[self.ii]))
+        AdT = Ad.transpose(0, 2, 1)
+        H = AdT @ Hr @ Ad
+        g = (AdT @ gr[:, :, None])[:, :, 0]
+        A = np.zeros((m, 7, m, 7))
+        for keep, r1, r2, sign in self.scatter:
+            # advanced indices separated by a slice: the indexed view is [k, 7 (row in block), 7 (column in block)]
+            np.add.at(A, (r1, slice(None), r2), sign * H[keep])
+        b = np.zeros((m, 7))
+        np.add.at(b, self.ri[self.bi], -g[self.bi])
+        np.add.at(b, self.rj[self.bj], g[self.bj])
+        return A.reshape(7 * m, 7 * m), b.reshape(7 * m)
+
+
+_TRIU_NP = (_TRIU[0].numpy(), _TRIU[1].numpy())
+
+
+def _np_unpack(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Host twin of :func:`unpack_sums` for ``sums [2E,36]`` float64."""
+    Hr = np.empty((sums.shape[0], 7, 7))
+    Hr[:, _TRIU_NP[0], _TRIU_NP[1]] = sums[:, :28]
+    Hr[:, _TRIU_NP[1], _TRIU_NP[0]] = sums[:, :28]
+    return Hr, sums[:, 28:35], sums[:, 35]
+
+
+def _gn_solve_host(Twc: Tensor, ii: Tensor, jj: Tensor, blocks: BlocksFn, max_iter: int, delta_thresh: float,
+                   tij_blocks: TijBlocksFn | None, index_check: Tensor | None, edges_host: tuple | None) -> GNResult:
+    """Host loop of :func:`gn_solve`: per iteration one blocks call, ONE device→host copy (blocks, + the index check
+    count at iteration 1), float64 NumPy assembly / live-row selection, :func:`_solve` on CPU tensors (same damping,
+    same notes), the retraction on the host, and one host→device copy of the poses (``blocks``) or of ``T_ij``
+    (``tij_blocks``). ``Twc`` is written at the end (and before every ``blocks`` call)."""
+    n = Twc.shape[0]
+    dev = Twc.device
+    np_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(Twc.dtype)
+    if np_dtype is None:
+        raise TypeError(f"Twc must be float32 or float64, got {Twc.dtype}")
+    if edges_host is None:  # poses and edges in one device -> host copy (row indices are exact in float64)
+        start = torch.cat((Twc.detach().reshape(-1).to(torch.float64), ii.to(torch.float64),
+                           jj.to(torch.float64))).cpu().numpy()
+        E2 = ii.shape[0]
+        P = start[:8 * n].reshape(n, 8).copy()
+        ii_h = start[8 * n:8 * n + E2].astype(np.int64)
+        jj_h = start[8 * n + E2:].astype(np.int64)
+    else:
+        ii_h, jj_h = (np.asarray(a, dtype=np.int64) for a in edges_host)
+        E2 = ii_h.shape[0]
+        P = Twc.detach().cpu().numpy().astype(np.float64)  # [n,8] host poses (values of Twc.dtype)
+    system = _HostSystem(n, ii_h, jj_h)
+    twc_stale = False  # Twc on the device lags P (tij_blocks path: written at the end)
+    dx = np.zeros((n - 1, 7))
+    cost0 = float("nan")
+    cost = float("nan")
+    notes: list[str] = []
+    converged = False
+    it = 0
+
+    def result(converged_: bool, ok: bool, msg: str) -> GNResult:
+        if twc_stale:
+            Twc.copy_(torch.from_numpy(P.astype(np_dtype)), non_blocking=True)
+        return GNResult(torch.from_numpy(dx.astype(np.float32)).to(dev, non_blocking=True), it, converged_, ok, msg,
+                        cost, cost0)
+
+    for it in range(1, max_iter + 1):
+        if tij_blocks is not None:
+            Tij = np_sim3_mul(np_sim3_inv(P[ii_h]), P[jj_h]).astype(np.float32)
+            packed = tij_blocks(torch.from_numpy(Tij).to(dev, non_blocking=True)).reshape(E2, 36)
+        else:
+            Hr_d, gr_d, c_d = blocks(Twc)
+            packed = torch.cat((Hr_d.reshape(E2, 49).to(torch.float64), gr_d.reshape(E2, 7).to(torch.float64),
+                                c_d.reshape(E2, 1).to(torch.float64)), dim=1)
+        flat = packed.reshape(-1)
+        if it == 1 and index_check is not None:
+            flat = torch.cat((flat, index_check.reshape(1).to(device=flat.device, dtype=torch.float64)))
+        host = flat.cpu().numpy()  # the one device -> host copy (sync) of this iteration
+        if it == 1 and index_check is not None:
+            if host[-1] != 0:
+                _raise_index_error(int(host[-1]))
+            host = host[:-1]
+        if tij_blocks is not None:
+            Hr, gr, c = _np_unpack(host.reshape(E2, 36))
+        else:
+            h2 = host.reshape(E2, 57)
+            Hr, gr, c = h2[:, :49].reshape(E2, 7, 7), h2[:, 49:56], h2[:, 56]
+        cost = float(c.sum())
+        if it == 1:
+            cost0 = cost
+        A, b = system.assemble(P, Hr, gr)
+        live = np.abs(np.diagonal(A)).reshape(n - 1, 7).sum(-1) > 0
+        if not live.any():
+            return result(False, False, f"iteration {it}: no valid residual in the whole graph "
+                          "(all matches invalid or below the Q/C thresholds); poses unchanged")
+        step = np.zeros((n - 1, 7))
+        if live.all():
+            sol, note = _solve(torch.from_numpy(A), torch.from_numpy(b))
+        else:
+            _dead_note(it, (np.nonzero(~live)[0] + 1).tolist(), notes)
+            sel = np.nonzero(np.repeat(live, 7))[0]
+            sol, note = _solve(torch.from_numpy(A[np.ix_(sel, sel)]), torch.from_numpy(b[sel]))
+        if sol is None:
+            return result(False, False, f"iteration {it}: {note}; poses keep the last good state")
+        if note:
+            notes.append(f"iteration {it}: {note}")
+        step[live] = sol.numpy().reshape(-1, 7)
+        P[1:] = _np_retr(P[1:], step).astype(np_dtype)  # rounded to Twc.dtype, as the device loop stores it
+        dx = step
+        if tij_blocks is None:
+            Twc.copy_(torch.from_numpy(P.astype(np_dtype)), non_blocking=True)
+        else:
+            twc_stale = True
+        if float(np.sqrt((step * step).sum())) < delta_thresh:
+            converged = True
+            break
+    msg = "; ".join(notes) if notes else ("converged" if converged else f"stopped after {it} iterations")
+    return result(converged, True, msg)
