@@ -333,7 +333,9 @@ def test_chunked_solve_equals_one_shot_solve(device):
     assert fg1.last_solve_chunks == 1 and fg2.last_solve_chunks == len(edges)
     assert fg1.last_result.iterations == fg2.last_result.iterations
     torch.testing.assert_close(T_chunk, T_one, rtol=0, atol=1e-6)
-    assert fg2.last_result.cost == pytest.approx(fg1.last_result.cost, rel=1e-9, abs=1e-12)
+    # the one-shot CUDA path forms the relative poses T_ij on the host in float64, the chunked path on the device in
+    # float32: the same blocks up to float32 rounding of T_ij (measured on an H100: 4e-9 relative on the cost)
+    assert fg2.last_result.cost == pytest.approx(fg1.last_result.cost, rel=1e-7, abs=1e-12)
 
 
 @pytest.mark.parametrize("device", DEVICES)
