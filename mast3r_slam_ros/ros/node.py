@@ -526,12 +526,11 @@ class SlamNode(Node):
         with self._lock:
             n_old = len(self._path)
             k = min(len(stamps), n_old)
-            tail: list = []
             if all(stamps[i] == self._path[i][0] for i in range(k)):
-                tail = self._path[len(stamps):]
-                # same frames (plus new ones): touch only the poses that moved (messages are costly to build).
-                # With the multi-threaded executor the frontend may have appended frames after the trajectory
-                # snapshot above (k < n_old): those entries are kept as they are.
+                # same frames: touch only the poses that moved (messages are costly to build). Only the first k
+                # entries: with the multi-threaded executor the trajectory snapshot may hold frames the frontend has
+                # not appended yet (it appends them itself, adding them here too duplicated them), or the frontend
+                # may have appended frames after the snapshot (kept as they are).
                 old = np.array([row for _, row in self._path[:k]]).reshape(-1, 7)
                 moved = np.nonzero(np.any(new[:k] != old, axis=1))[0]
                 for i in moved:
@@ -539,13 +538,11 @@ class SlamNode(Node):
                     pose.position.x, pose.position.y, pose.position.z = (float(v) for v in new[i, :3])
                     o = pose.orientation
                     o.x, o.y, o.z, o.w = (float(v) for v in new[i, 3:])
-                for i in range(n_old, len(stamps)):
-                    self._path_msgs.append(conv.pose_stamped_msg((new[i, :3], new[i, 3:]), conv.ns_to_stamp(stamps[i]),
-                                                                 self.p.map_frame))
+                self._path = [(stamps[i], new[i]) for i in range(k)] + self._path[k:]
             else:
                 self._path_msgs = [conv.pose_stamped_msg((new[i, :3], new[i, 3:]), conv.ns_to_stamp(ns),
                                                          self.p.map_frame) for i, ns in enumerate(stamps)]
-            self._path = [(ns, new[i]) for i, ns in enumerate(stamps)] + tail
+                self._path = [(ns, new[i]) for i, ns in enumerate(stamps)]
             self._path_version = version
 
     def _publish_path(self, stamp: Time, force: bool = False) -> None:
