@@ -146,18 +146,17 @@ def main(argv: list[str] | None = None) -> int:
             size = f"E={E} (2E={2 * E}) n={n} {W}x{H}"
             e = (P["ii"], P["jj"], P["idx"], P["valid"], P["Q"])
             c = dict(C_thresh=1.0, Q_thresh=1.5, max_iter=1, delta_thresh=1e-8)
-            T = P["Twc"].clone()
+            # every timed call starts from the same poses (the solve updates Twc in place; repeated steps from the
+            # previous result would walk off on this random data)
             record("gn_rays (1 iter)", impl, size, timer(
-                lambda: kernels.gauss_newton_rays(T, P["Xs"], P["Cs"], *e, sigma_ray=0.003, sigma_dist=10.0, **c),
+                lambda: kernels.gauss_newton_rays(P["Twc"].clone(), P["Xs"], P["Cs"], *e, sigma_ray=0.003, sigma_dist=10.0, **c),
                 device, warmup, repeats))
-            T = P["Twc"].clone()
             record("gn_calib (1 iter)", impl, size, timer(
-                lambda: kernels.gauss_newton_calib(T, P["Xs"], P["Cs"], P["K"], *e, height=H, width=W,
+                lambda: kernels.gauss_newton_calib(P["Twc"].clone(), P["Xs"], P["Cs"], P["K"], *e, height=H, width=W,
                                                    pixel_border=-10, z_eps=0.1, sigma_pixel=1.0, sigma_depth=10.0,
                                                    **c), device, warmup, repeats))
-            T = P["Twc"].clone()
             record("gn_points (1 iter)", impl, size, timer(
-                lambda: kernels.gauss_newton_points(T, P["Xs"], P["Cs"], *e, sigma_point=0.05, **c), device, warmup,
+                lambda: kernels.gauss_newton_points(P["Twc"].clone(), P["Xs"], P["Cs"], *e, sigma_point=0.05, **c), device, warmup,
                 repeats))
         P = None
         if device.type == "cuda":
