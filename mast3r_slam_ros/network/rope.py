@@ -15,6 +15,7 @@ bf16/fp16 (spec §3.2 table).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +39,6 @@ class RopeTables:
 def _fused_rope():
     """The compiled ``rope_apply`` of the optional CUDA extension, or None (not built, no CUDA, kernel backend
     ``torch``, or ``MAST3R_SLAM_ROS_FUSED_ROPE=0``)."""
-    import os
-
     if os.environ.get("MAST3R_SLAM_ROS_FUSED_ROPE", "1") == "0":
         return None
     from mast3r_slam_ros import kernels
