@@ -26,10 +26,12 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Sim3", "skew", "act_jacobian", "quat_multiply", "quat_rotate", "quat_to_matrix", "retr_host"]
+__all__ = ["Sim3", "skew", "act_jacobian", "quat_multiply", "quat_rotate", "quat_to_matrix", "retr_host", "host_inv",
+           "host_mul", "host_adjoint"]
 
 # |z| = |sigma + i theta| below which W's coefficients come from their power series (see module docstring).
 _SERIES_RADIUS = 0.25
@@ -574,3 +576,62 @@ def retr_host(data: Sequence[float], xi: Sequence[float]) -> list[float]:
     nq = math.sqrt(sum(v * v for v in q))
     return [s1 * Rt2[0] + t1[0], s1 * Rt2[1] + t1[1], s1 * Rt2[2] + t1[2],
             q[0] / nq, q[1] / nq, q[2] / nq, q[3] / nq, s1 * d[7]]
+
+
+# ------------------------------------------------------------------------ float64 NumPy Sim(3) over rows (host loops)
+# Same formulas as Sim3 (quat_rotate, quat_multiply + renormalisation, inv, adjoint, quat_to_matrix), batched
+# over the leading dim of [k,8] arrays ``[tx,ty,tz,qx,qy,qz,qw,s]``.
+def _np_cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.stack((a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1], a[:, 2] * b[:, 0] - a[:, 0] * b[:, 2],
+                     a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]), axis=-1)
+
+
+def _np_qrot(q: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """``[k,3]`` rotation of ``p [k,3]`` by unit quaternions ``q [k,4]`` (x,y,z,w): ``p + w·uv + v×uv``, uv = 2 v×p."""
+    v, w = q[:, :3], q[:, 3:]
+    uv = 2.0 * _np_cross(v, p)
+    return p + w * uv + _np_cross(v, uv)
+
+
+def host_inv(T: np.ndarray) -> np.ndarray:
+    """Inverse ``(−(1/s) Rᵀ t, q*, 1/s)`` of ``T [k,8]`` float64 (as :meth:`Sim3.inv`)."""
+    qc = np.concatenate((-T[:, 3:6], T[:, 6:7]), axis=1)
+    s_inv = 1.0 / T[:, 7:8]
+    return np.concatenate((-s_inv * _np_qrot(qc, T[:, :3]), qc, s_inv), axis=1)
+
+
+def host_mul(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Composition ``A·B = (t_A + s_A R_A t_B, q_A⊗q_B (renormalised), s_A s_B)`` of ``[k,8]`` arrays."""
+    qa, qb = A[:, 3:7], B[:, 3:7]
+    va, wa, vb, wb = qa[:, :3], qa[:, 3:], qb[:, :3], qb[:, 3:]
+    q = np.concatenate((wa * vb + wb * va + _np_cross(va, vb), wa * wb - (va * vb).sum(1, keepdims=True)), axis=1)
+    q = q / np.sqrt((q * q).sum(1, keepdims=True))
+    t = A[:, :3] + A[:, 7:8] * _np_qrot(qa, B[:, :3])
+    return np.concatenate((t, q, A[:, 7:8] * B[:, 7:8]), axis=1)
+
+
+def host_adjoint(T: np.ndarray) -> np.ndarray:
+    """``Ad(T) [k,7,7] = [[sR, [t]× R, −t], [0, R, 0], [0, 0, 1]]`` (as :meth:`Sim3.adjoint`)."""
+    x, y, z, w = T[:, 3], T[:, 4], T[:, 5], T[:, 6]
+    k = T.shape[0]
+    R = np.empty((k, 3, 3))
+    R[:, 0, 0] = 1 - 2 * (y * y + z * z)
+    R[:, 0, 1] = 2 * (x * y - w * z)
+    R[:, 0, 2] = 2 * (x * z + w * y)
+    R[:, 1, 0] = 2 * (x * y + w * z)
+    R[:, 1, 1] = 1 - 2 * (x * x + z * z)
+    R[:, 1, 2] = 2 * (y * z - w * x)
+    R[:, 2, 0] = 2 * (x * z - w * y)
+    R[:, 2, 1] = 2 * (y * z + w * x)
+    R[:, 2, 2] = 1 - 2 * (x * x + y * y)
+    t = T[:, :3]
+    tx = np.zeros((k, 3, 3))
+    tx[:, 0, 1], tx[:, 0, 2], tx[:, 1, 2] = -t[:, 2], t[:, 1], -t[:, 0]
+    tx[:, 1, 0], tx[:, 2, 0], tx[:, 2, 1] = t[:, 2], -t[:, 1], t[:, 0]
+    Ad = np.zeros((k, 7, 7))
+    Ad[:, :3, :3] = T[:, 7, None, None] * R
+    Ad[:, :3, 3:6] = tx @ R
+    Ad[:, :3, 6] = -t
+    Ad[:, 3:6, 3:6] = R
+    Ad[:, 6, 6] = 1.0
+    return Ad

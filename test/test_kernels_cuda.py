@@ -11,19 +11,13 @@ import pytest
 import torch
 
 from mast3r_slam_ros import kernels
-from mast3r_slam_ros.kernels import _ext, gn_torch
+from mast3r_slam_ros.kernels import gn_torch
 from mast3r_slam_ros.kernels.matching_torch import iter_proj_torch, refine_matches_torch
 
 pytestmark = pytest.mark.cuda
 
 DEV = "cuda"
 
-
-@pytest.fixture(scope="module")
-def ext():
-    mod = _ext.load()
-    assert mod is not None, f"CUDA extension mast3r_slam_ros._cuda not available: {_ext.load_error()}"
-    return mod
 
 
 @pytest.fixture(autouse=True)

@@ -11,19 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mast3r_slam_ros.kernels import _ext
 from mast3r_slam_ros.kernels.matching_torch import refine_matches_torch
 
 pytestmark = pytest.mark.cuda
 
 DEV = "cuda"
 
-
-@pytest.fixture(scope="module")
-def ext():
-    mod = _ext.load()
-    assert mod is not None, f"CUDA extension mast3r_slam_ros._cuda not available: {_ext.load_error()}"
-    return mod
 
 
 def _problem(B: int, H: int, W: int, F: int, dtype: torch.dtype, seed: int, smooth: bool = False):

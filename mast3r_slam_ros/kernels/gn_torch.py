@@ -38,13 +38,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..lie import Sim3, act_jacobian, retr_host
+from ..lie import Sim3, act_jacobian, host_adjoint, host_inv, host_mul, retr_host
 from .result import GNResult
 
 __all__ = [
     "HUBER_K", "huber_weight", "huber_cost", "relative_poses", "rays_terms", "calib_terms", "points_terms",
     "edge_terms", "gn_blocks_rays_torch", "gn_blocks_calib_torch", "gn_blocks_points_torch", "gn_solve",
-    "assemble_system", "unpack_sums", "cuda_blocks", "HOST_MAX_KF", "np_sim3_inv", "np_sim3_mul", "np_sim3_adjoint",
+    "assemble_system", "unpack_sums", "cuda_blocks", "HOST_MAX_KF",
 ]
 
 HUBER_K = 1.345
@@ -411,65 +411,6 @@ def _gn_solve_device(Twc: Tensor, ii: Tensor, jj: Tensor, blocks: BlocksFn, max_
     return GNResult(dx, it, converged, True, msg, cost, cost0)
 
 
-# ----------------------------------------------------------------------- float64 NumPy Sim(3) over rows (host loop)
-# Same formulas as lie.Sim3 (quat_rotate, quat_multiply + renormalisation, inv, adjoint, quat_to_matrix), batched
-# over the leading dim of [k,8] arrays ``[tx,ty,tz,qx,qy,qz,qw,s]``.
-def _np_cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.stack((a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1], a[:, 2] * b[:, 0] - a[:, 0] * b[:, 2],
-                     a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]), axis=-1)
-
-
-def _np_qrot(q: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """``[k,3]`` rotation of ``p [k,3]`` by unit quaternions ``q [k,4]`` (x,y,z,w): ``p + w·uv + v×uv``, uv = 2 v×p."""
-    v, w = q[:, :3], q[:, 3:]
-    uv = 2.0 * _np_cross(v, p)
-    return p + w * uv + _np_cross(v, uv)
-
-
-def np_sim3_inv(T: np.ndarray) -> np.ndarray:
-    """Inverse ``(−(1/s) Rᵀ t, q*, 1/s)`` of ``T [k,8]`` float64 (as :meth:`lie.Sim3.inv`)."""
-    qc = np.concatenate((-T[:, 3:6], T[:, 6:7]), axis=1)
-    s_inv = 1.0 / T[:, 7:8]
-    return np.concatenate((-s_inv * _np_qrot(qc, T[:, :3]), qc, s_inv), axis=1)
-
-
-def np_sim3_mul(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """Composition ``A·B = (t_A + s_A R_A t_B, q_A⊗q_B (renormalised), s_A s_B)`` of ``[k,8]`` arrays."""
-    qa, qb = A[:, 3:7], B[:, 3:7]
-    va, wa, vb, wb = qa[:, :3], qa[:, 3:], qb[:, :3], qb[:, 3:]
-    q = np.concatenate((wa * vb + wb * va + _np_cross(va, vb), wa * wb - (va * vb).sum(1, keepdims=True)), axis=1)
-    q = q / np.sqrt((q * q).sum(1, keepdims=True))
-    t = A[:, :3] + A[:, 7:8] * _np_qrot(qa, B[:, :3])
-    return np.concatenate((t, q, A[:, 7:8] * B[:, 7:8]), axis=1)
-
-
-def np_sim3_adjoint(T: np.ndarray) -> np.ndarray:
-    """``Ad(T) [k,7,7] = [[sR, [t]× R, −t], [0, R, 0], [0, 0, 1]]`` (as :meth:`lie.Sim3.adjoint`)."""
-    x, y, z, w = T[:, 3], T[:, 4], T[:, 5], T[:, 6]
-    k = T.shape[0]
-    R = np.empty((k, 3, 3))
-    R[:, 0, 0] = 1 - 2 * (y * y + z * z)
-    R[:, 0, 1] = 2 * (x * y - w * z)
-    R[:, 0, 2] = 2 * (x * z + w * y)
-    R[:, 1, 0] = 2 * (x * y + w * z)
-    R[:, 1, 1] = 1 - 2 * (x * x + z * z)
-    R[:, 1, 2] = 2 * (y * z - w * x)
-    R[:, 2, 0] = 2 * (x * z - w * y)
-    R[:, 2, 1] = 2 * (y * z + w * x)
-    R[:, 2, 2] = 1 - 2 * (x * x + y * y)
-    t = T[:, :3]
-    tx = np.zeros((k, 3, 3))
-    tx[:, 0, 1], tx[:, 0, 2], tx[:, 1, 2] = -t[:, 2], t[:, 1], -t[:, 0]
-    tx[:, 1, 0], tx[:, 2, 0], tx[:, 2, 1] = t[:, 2], -t[:, 1], t[:, 0]
-    Ad = np.zeros((k, 7, 7))
-    Ad[:, :3, :3] = T[:, 7, None, None] * R
-    Ad[:, :3, 3:6] = tx @ R
-    Ad[:, :3, 6] = -t
-    Ad[:, 3:6, 3:6] = R
-    Ad[:, 6, 6] = 1.0
-    return Ad
-
-
 def _np_retr(P: np.ndarray, step: np.ndarray) -> np.ndarray:
     """Left retraction ``Exp(step)·P`` of ``P [k,8]`` by ``step [k,7]`` (float64) with the math of :meth:`Sim3.retr`:
     :func:`lie.retr_host` per row for few rows, else one batched :meth:`Sim3.retr` on CPU tensors."""
@@ -500,7 +441,7 @@ class _HostSystem:
     def assemble(self, P: np.ndarray, Hr: np.ndarray, gr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``A [7m,7m]``, ``b [7m]`` float64 at poses ``P [n,8]`` from ``Hr [2E,7,7]``, ``gr [2E,7]``."""
         m = self.m
-        Ad = np_sim3_adjoint(np_sim3_inv(P[self.ii]))
+        Ad = host_adjoint(host_inv(P[self.ii]))
         AdT = Ad.transpose(0, 2, 1)
         H = AdT @ Hr @ Ad
         g = (AdT @ gr[:, :, None])[:, :, 0]
@@ -564,7 +505,7 @@ def _gn_solve_host(Twc: Tensor, ii: Tensor, jj: Tensor, blocks: BlocksFn, max_it
 
     for it in range(1, max_iter + 1):
         if tij_blocks is not None:
-            Tij = np_sim3_mul(np_sim3_inv(P[ii_h]), P[jj_h]).astype(np.float32)
+            Tij = host_mul(host_inv(P[ii_h]), P[jj_h]).astype(np.float32)
             packed = tij_blocks(torch.from_numpy(Tij).to(dev, non_blocking=True)).reshape(E2, 36)
         else:
             Hr_d, gr_d, c_d = blocks(Twc)

@@ -18,7 +18,6 @@ Cholesky (failure -> relocalization), convergence when the relative cost decreas
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -369,20 +368,10 @@ def frame_statistics(valid_opt: Tensor, valid_match_k: Tensor, Qk: Tensor, idx_f
 _POINTMAP_STATE = ("X_canon", "C", "N", "N_updates", "score")
 
 
-@functools.lru_cache(maxsize=None)
-def _has_check_finite(cls: type) -> bool:
-    """Whether ``cls.update_pointmap`` takes ``check_finite`` (then the tracker checks finiteness itself, no sync)."""
-    try:
-        return "check_finite" in inspect.signature(cls.update_pointmap).parameters
-    except (TypeError, ValueError, AttributeError):
-        return False
-
-
 def _update_pointmap(frame: Any, X: Tensor, C: Tensor, p: TrackingParams) -> None:
-    if _has_check_finite(type(frame)):
-        frame.update_pointmap(X, C, p.filtering_mode, p.filtering_score, check_finite=False)
-    else:
-        frame.update_pointmap(X, C, p.filtering_mode, p.filtering_score)
+    """Fuse without ``Frame.update_pointmap``'s finiteness test (a host sync): the tracker checks finiteness of the
+    network outputs in its one packed read (:func:`frame_statistics`)."""
+    frame.update_pointmap(X, C, p.filtering_mode, p.filtering_score, check_finite=False)
 
 
 # ----------------------------------------------------------------------------------------------------- the tracker
@@ -463,7 +452,7 @@ class FrameTracker:
         saved = tuple(getattr(frame, k, None) for k in _POINTMAP_STATE)
         try:
             _update_pointmap(frame, m.Xff, m.Cff, p)
-        except ValueError as e:  # Frame.update_pointmap without check_finite raises on NaN/inf itself
+        except ValueError as e:  # wrong pointmap size
             return TrackOutcome(False, True, message=f"lost: network output rejected ({e})")
 
         idx = m.idx_f2k
